@@ -1,0 +1,110 @@
+"""Small models for the experiments: fully connected networks with a pluggable normalization layer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["make_norm", "mlp", "NORMS", "ACTIVATIONS"]
+
+NormFactory = Callable[[int], nn.Module]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def _batchnorm(width: int) -> nn.Module:
+    from bnnotes.torch_bn import BatchNorm1d
+
+    return BatchNorm1d(width)
+
+
+def _batchrenorm(width: int) -> nn.Module:
+    from bnnotes.torch_bn import BatchRenorm1d
+
+    return BatchRenorm1d(width)
+
+
+def _groupnorm(width: int) -> nn.Module:
+    # 10 features per group for 100-wide layers, as far as the width allows.
+    groups = math.gcd(width, 10) or 1
+    return nn.GroupNorm(groups, width)
+
+
+NORMS: dict[str, NormFactory] = {
+    "none": lambda width: nn.Identity(),
+    "bn": _batchnorm,
+    "brn": _batchrenorm,
+    "ln": lambda width: nn.LayerNorm(width),
+    "gn": _groupnorm,
+}
+
+
+def make_norm(norm: str | NormFactory, width: int) -> nn.Module:
+    """A normalization layer for `width` features: one of `NORMS` by name, or any factory ``width -> nn.Module``."""
+    if callable(norm):
+        return norm(width)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {sorted(NORMS)} or a callable width -> nn.Module, got {norm!r}")
+    return NORMS[norm](width)
+
+
+def mlp(
+    in_features: int,
+    hidden: Sequence[int] = (100, 100, 100),
+    out_features: int = 10,
+    activation: str = "sigmoid",
+    norm: str | NormFactory = "none",
+    init_std: float | None = None,
+    linear_bias: bool | None = None,
+    seed: int = 0,
+) -> nn.Sequential:
+    """A fully connected network: ``[Linear -> norm -> activation] * len(hidden) -> Linear``.
+
+    The normalization sits between each hidden Linear and its nonlinearity, as in Ioffe & Szegedy (2015, Section 3.2).
+    linear_bias: whether hidden Linear layers carry a bias; by default only without normalization, because a
+    normalizer subtracts the mean and its own shift (beta) takes over the bias's role.
+    init_std: weights drawn from N(0, init_std^2) (biases 0); None keeps PyTorch's default initialization.
+    seed: the initialization is a pure function of the seed (the global RNG is not touched).
+    Returns an ``nn.Sequential``; ``model[3 * i]`` is the i-th hidden Linear, ``model[3 * i + 1]`` its norm.
+
+    >>> model = mlp(64, hidden=(100, 100), norm="bn")
+    >>> [type(m).__name__ for m in model][:3]
+    ['Linear', 'BatchNorm1d', 'Sigmoid']
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if linear_bias is None:
+        linear_bias = norm == "none"
+    generator = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    width_in = in_features
+    for width in hidden:
+        layers += [nn.Linear(width_in, width, bias=linear_bias), make_norm(norm, width), ACTIVATIONS[activation]()]
+        width_in = width
+    layers.append(nn.Linear(width_in, out_features))
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            _init_linear(layer, init_std, generator)
+    return nn.Sequential(*layers)
+
+
+def _init_linear(layer: nn.Linear, init_std: float | None, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        if init_std is None:
+            # PyTorch's default (Kaiming-uniform with a = sqrt(5)), drawn from our own generator.
+            bound = 1.0 / math.sqrt(layer.in_features)
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            if layer.bias is not None:
+                layer.bias.uniform_(-bound, bound, generator=generator)
+        else:
+            layer.weight.normal_(0.0, init_std, generator=generator)
+            if layer.bias is not None:
+                layer.bias.zero_()
