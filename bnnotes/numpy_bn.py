@@ -43,7 +43,15 @@ def _check_x(x: Any, name: str = "x") -> np.ndarray:
         raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (N, C) or (N, C, *spatial), got {x.ndim}-D {name}.shape={x.shape}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least 1 channel, got {name}.shape={x.shape}")
     return x
+
+
+def _check_eps(eps: Any) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return float(eps)
 
 
 def _check_channel_vector(v: Any, name: str, x: np.ndarray) -> np.ndarray:
@@ -79,11 +87,12 @@ def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-
     x = _check_x(x)
     gamma = _check_channel_vector(gamma, "gamma", x)
     beta = _check_channel_vector(beta, "beta", x)
+    eps = _check_eps(eps)
     m = _count_per_channel(x)
     if m < 2:
         raise ValueError(
             f"training-mode batch norm needs more than 1 value per channel, got input of shape {x.shape} "
-            f"(1 value per channel): the batch variance would be 0"
+            f"({m} value{'s' if m != 1 else ''} per channel): the batch variance would be 0"
         )
     axes = reduction_axes(x.ndim)
     x64 = x.astype(np.float64, copy=False)
@@ -113,7 +122,8 @@ def backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.n
 
     dy: upstream gradient, the shape of the forward's x.
     cache: from `forward`.
-    Returns (dx, dgamma, dbeta): dx has x's shape and dtype; dgamma, dbeta are (C,).
+    Returns (dx, dgamma, dbeta): dx has x's shape; dgamma, dbeta are (C,); all three in x's dtype (computed in
+    float64).
 
     With m values per channel, the gradient is the upstream gradient of x_hat, scaled by 1/sigma and projected off the
     constant direction 1 and off x_hat itself::
@@ -129,7 +139,8 @@ def backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.n
     dgamma = (dy * x_hat).sum(axis=axes)
     scale = cache["gamma"] * cache["inv_std"] / m
     dx = _broadcast(scale, ndim) * (m * dy - _broadcast(dbeta, ndim) - x_hat * _broadcast(dgamma, ndim))
-    return dx.astype(cache["dtype"], copy=False), dgamma, dbeta
+    dtype = cache["dtype"]
+    return dx.astype(dtype, copy=False), dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
 
 
 def backward_staged(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,7 +172,8 @@ def backward_staged(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarra
     )
     dgamma = np.sum(dy * x_hat, axis=axes)  # dl/dgamma = sum dl/dy * x_hat
     dbeta = np.sum(dy, axis=axes)  # dl/dbeta = sum dl/dy
-    return dx.astype(cache["dtype"], copy=False), dgamma, dbeta
+    dtype = cache["dtype"]
+    return dx.astype(dtype, copy=False), dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
 
 
 def _check_dy(dy: Any, shape: tuple[int, ...]) -> np.ndarray:
@@ -191,6 +203,7 @@ def inference(
     array([[0.5]])
     """
     x = _check_x(x)
+    eps = _check_eps(eps)
     gamma = _check_channel_vector(gamma, "gamma", x).astype(np.float64)
     beta = _check_channel_vector(beta, "beta", x).astype(np.float64)
     running_mean = _check_channel_vector(running_mean, "running_mean", x).astype(np.float64)
@@ -219,12 +232,13 @@ class BatchNorm:
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
-        if not isinstance(num_features, (int, np.integer)) or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        is_number = isinstance(momentum, (int, float, np.number)) and not isinstance(momentum, bool)
+        if momentum is not None and not (is_number and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
         self.num_features = int(num_features)
-        self.eps = eps
+        self.eps = _check_eps(eps)
         self.momentum = momentum
         self.gamma = np.ones(num_features)
         self.beta = np.zeros(num_features)
@@ -247,6 +261,7 @@ class BatchNorm:
         x = _check_x(x)
         self._check_channels(x)
         if not training:
+            self._cache = None  # the eval forward is a fixed affine map; `backward` is for the training forward
             return inference(x, self.gamma, self.beta, self.running_mean, self.running_var, self.eps)
         y, cache = forward(x, self.gamma, self.beta, self.eps)
         self._cache = cache
@@ -261,7 +276,10 @@ class BatchNorm:
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Back-propagate through the last training-mode forward; stores dgamma, dbeta and returns dx."""
         if self._cache is None:
-            raise RuntimeError("backward() called before a training-mode forward()")
+            raise RuntimeError(
+                "backward() needs the cache of a training-mode forward(); there was none, or the last forward() "
+                "was in eval mode (training=False)"
+            )
         dx, self.dgamma, self.dbeta = backward(dy, self._cache)
         return dx
 

@@ -21,6 +21,8 @@ class TrainConfig:
     lr, momentum, weight_decay: ``torch.optim.SGD``'s. eval_every: evaluate on the test split every this many steps
     (and at step 0 and at the end). order: ``"shuffle"`` or ``"sorted"`` batches (see `batch_indices`).
     seed: the batch order's seed. eval_mode: evaluate in ``model.eval()`` (running statistics) or in train mode.
+    stop_at_accuracy: stop after the first evaluation whose test accuracy reaches this value (None: run every step),
+    so that sweeps which only ask "how many steps to reach it?" do not pay for the rest of the run.
     """
 
     steps: int = 1000
@@ -32,6 +34,7 @@ class TrainConfig:
     order: str = "shuffle"
     seed: int = 0
     eval_mode: bool = True
+    stop_at_accuracy: float | None = None
 
 
 @dataclass
@@ -75,11 +78,14 @@ def train(
     data: Dataset,
     config: TrainConfig,
     callback: Callable[[int, nn.Module], None] | None = None,
+    batches: Callable[[torch.Generator], list[torch.Tensor]] | None = None,
 ) -> History:
     """Train `model` on `data` with SGD and cross-entropy, and record a `History`.
 
     The model is moved to the data's device. callback(step, model) runs before step 0's update and after every step,
     for measurements. A non-finite loss stops training and sets ``history.diverged`` (accuracy is then chance).
+    batches(generator): optionally replaces `batch_indices` as the source of one epoch of index tensors into
+    ``data.x_train`` (indices may repeat), for batch compositions that `TrainConfig.order` does not offer.
     """
     device = data.x_train.device
     model.to(device)
@@ -101,7 +107,12 @@ def train(
     epoch: list[torch.Tensor] = []
     for step in range(1, config.steps + 1):
         if not epoch:
-            epoch = batch_indices(data.y_train, config.batch_size, generator, config.order)
+            if batches is not None:
+                epoch = list(batches(generator))
+                if not epoch:
+                    raise ValueError("batches(generator) returned no batches; expected a list of index tensors")
+            else:
+                epoch = batch_indices(data.y_train, config.batch_size, generator, config.order)
         idx = epoch.pop().to(device)
         model.train()
         logits = model(data.x_train[idx])
@@ -121,6 +132,8 @@ def train(
             callback(step, model)
         if step % config.eval_every == 0 or step == config.steps:
             record(step)
+            if config.stop_at_accuracy is not None and history.test_acc[-1] >= config.stop_at_accuracy:
+                break
     return history
 
 

@@ -1,0 +1,560 @@
+"""Experiments of the data-parallel chapter: real multi-process runs over ``torch.distributed`` on one machine.
+
+- `launch` runs a function in `world_size` fresh processes that form a gloo process group over the loopback
+  interface, and returns what each rank returned. It cleans up after itself: on an error or a timeout every process
+  is terminated, and every process is joined.
+- `SplitBatch` makes the course's one training loop (`bnnotes.experiments.train`) data-parallel: every rank computes
+  its slice of each batch, and the outputs are gathered back so that every rank computes the loss of the whole batch.
+- `measure_communication` counts and times what `SyncBatchNorm` sends; `compare_data_parallel_bn` trains with
+  per-rank BN, SyncBN, one process on the whole batch, and Ghost BN; `ghost_batch_sweep` varies Ghost BN's virtual
+  batch size on one device.
+
+Spawned processes import the function they run by its module, so workers live here, never in a notebook or
+``__main__``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+import socket
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bnnotes.experiments.data import Dataset, load_digits
+from bnnotes.experiments.models import mlp
+from bnnotes.experiments.training import History, TrainConfig, evaluate, train
+from bnnotes.ghost import GhostBatchNorm1d
+from bnnotes.sync import convert_sync_batchnorm
+
+__all__ = [
+    "launch",
+    "recorded_all_reduces",
+    "SplitBatch",
+    "CommunicationConfig",
+    "CommunicationCost",
+    "measure_communication",
+    "DataParallelConfig",
+    "DataParallelResult",
+    "compare_data_parallel_bn",
+    "GhostConfig",
+    "GhostResult",
+    "ghost_batch_sweep",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launching a process group on one machine.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _loopback_interface() -> str | None:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), for gloo's GLOO_SOCKET_IFNAME."""
+    try:
+        names = {name for _, name in socket.if_nameindex()}
+    except (AttributeError, OSError):
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
+def _run_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    worker: Callable[..., Any],
+    args: tuple,
+    threads: int,
+    timeout: float,
+    results: Any,
+) -> None:
+    """The body of one spawned process: join the group, run `worker`, report (rank, ok, payload) on `results`."""
+    interface = _loopback_interface()
+    if interface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)  # keep gloo's traffic on the loopback interface
+    torch.set_num_threads(threads)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+        )
+        value = worker(rank, world_size, *args)
+        # Plain pickle copies tensors by value; torch's multiprocessing reducers would share memory with a process
+        # that is about to exit.
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # report everything, including KeyboardInterrupt, so the parent can stop the others
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    results.close()
+    results.join_thread()  # the report is in the pipe
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown, which took seconds here after DDP and gloo had run, for nothing: the report
+    # is delivered and the process group destroyed.
+    os._exit(0)
+
+
+def launch(
+    worker: Callable[..., Any], world_size: int, args: Sequence[Any] = (), timeout: float = 120.0, threads: int = 1
+) -> list[Any]:
+    """Run ``worker(rank, world_size, *args)`` in `world_size` new processes joined in a gloo process group.
+
+    The processes are started with the ``spawn`` method and rendezvous at a TCP store that this process serves on
+    127.0.0.1, at a port the operating system picks (binding port 0), so no port can be taken by someone else between
+    choosing and binding it; gloo is pointed at the loopback interface, so nothing listens beyond it.
+    worker: a function defined at the top level of an importable module (the children import it by name).
+    timeout: seconds for the whole run and for every collective. threads: torch threads per process.
+    Returns the list of the ranks' return values (rank order). A failing rank raises RuntimeError with its traceback;
+    a run past `timeout` raises TimeoutError. Either way, and on success, every process is joined, and terminated
+    first if it is still running.
+
+    Example: with ``def rank_sum(rank, world_size): t = torch.tensor([rank]); dist.all_reduce(t); return t.item()``
+    in an importable module, ``launch(rank_sum, 3)`` returns ``[3, 3, 3]``.
+    """
+    if not callable(worker):
+        raise TypeError(f"worker must be a callable, got {type(worker).__name__}")
+    if getattr(worker, "__module__", "__main__") == "__main__" or "<" in getattr(worker, "__qualname__", "<"):
+        raise ValueError(
+            f"worker {getattr(worker, '__qualname__', worker)!r} must be a top-level function of an importable "
+            "module: spawned processes import it by name, and cannot import __main__ (a notebook or script)"
+        )
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    # The rendezvous server listens on a socket bound to 127.0.0.1 only (TCPStore's own would listen on every
+    # interface), at a port the operating system picks; the store takes the socket over and closes it.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout), master_listen_fd=listener.detach())
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [
+        context.Process(
+            target=_run_rank,
+            args=(rank, world_size, store.port, worker, tuple(args), threads, timeout, results),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            process.start()
+        outcomes: dict[int, Any] = {}
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the {world_size} ranks did not finish within {timeout} s")
+            try:
+                rank, ok, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                silent = [r for r, p in enumerate(processes) if p.exitcode is not None and r not in outcomes]
+                if silent:
+                    codes = [processes[r].exitcode for r in silent]
+                    raise RuntimeError(
+                        f"rank(s) {silent} exited (exit codes {codes}) without reporting a result; their standard "
+                        "error says why (spawn cannot start processes from a parent that reads its script from stdin)"
+                    )
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
+            outcomes[rank] = pickle.loads(payload)
+        for process in processes:
+            process.join(max(deadline - time.monotonic(), 5.0))
+        return [outcomes[rank] for rank in range(world_size)]
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            if process.pid is None:
+                continue  # never started
+            process.join(5.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        results.close()
+        results.cancel_join_thread()
+        del store
+
+
+@contextmanager
+def recorded_all_reduces() -> Iterator[list[int]]:
+    """Record the element count of every ``torch.distributed.all_reduce`` called inside the block.
+
+    Yields the list the counts are appended to. `SyncBatchNorm` calls ``torch.distributed.all_reduce`` by that name,
+    so its messages are all recorded; DistributedDataParallel's gradient all-reduces run in C++ and are not.
+    """
+    calls: list[int] = []
+    original = dist.all_reduce
+
+    def recording(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = recording
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data parallelism for the one training loop.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather equal row blocks in rank order. Backward without communication: every rank computes the same loss
+    from the same gathered rows, so the sum over ranks of the gradients of block r is world_size times rank r's own."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, group: Any) -> Tensor:
+        world_size = dist.get_world_size(group)
+        blocks = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(blocks, local.contiguous(), group=group)
+        ctx.world_size, ctx.rank, ctx.rows = world_size, dist.get_rank(group), local.shape[0]
+        return torch.cat(blocks)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.world_size * grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+
+
+class SplitBatch(nn.Module):
+    """Data parallelism around `module` for `bnnotes.experiments.train`: each rank computes one slice of each batch.
+
+    In training mode a batch of N rows is split into world_size equal consecutive slices; rank r runs slice r through
+    its ``DistributedDataParallel(module)`` replica, and the slices' outputs are all-gathered (with gradient) so that
+    every rank returns the whole batch's output and computes the whole batch's loss, as one process would. DDP then
+    averages the parameter gradients over the ranks. In eval mode the whole input runs through the local replica, with
+    no communication. Every rank must make the same calls. N must be a multiple of the world size.
+    """
+
+    def __init__(self, module: nn.Module, process_group: Any = None) -> None:
+        super().__init__()
+        self.process_group = process_group
+        self.replica = DistributedDataParallel(module, process_group=process_group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return self.replica.module(x)
+        world_size = dist.get_world_size(self.process_group)
+        if x.shape[0] % world_size != 0:
+            raise ValueError(f"batch size {x.shape[0]} is not a multiple of the world size {world_size}")
+        rank = dist.get_rank(self.process_group)
+        local_out = self.replica(x.tensor_split(world_size)[rank])
+        # The gradient reaching a replica is world_size times the single-process one (the sum over the ranks'
+        # identical losses); DDP's average over the ranks divides it back.
+        return _GatherRows.apply(local_out, self.process_group)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What SyncBatchNorm sends, and what it costs.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommunicationConfig:
+    """`measure_communication`'s setting: an `mlp` with BN after each hidden layer, on random inputs.
+
+    hidden: the hidden widths (the BN layers' channel counts). per_rank_batch: rows per rank.
+    repeats: timed all-reduces per message size (interleaved over sizes); step_repeats: timed training steps per
+    variant (interleaved). timeout: seconds for the whole run.
+    """
+
+    world_size: int = 2
+    hidden: tuple[int, ...] = (100, 100, 100)
+    per_rank_batch: int = 32
+    repeats: int = 100
+    step_repeats: int = 40
+    timeout: float = 120.0
+
+
+@dataclass
+class CommunicationCost:
+    """What `measure_communication` found (rank 0's measurements).
+
+    forward_sizes[i] / backward_sizes[i]: the element counts of the all-reduces that BN layer i made in one forward /
+    backward pass. all_reduce_us: median microseconds of one float64 all-reduce, by element count.
+    step_ms: median milliseconds of one DDP training step (forward, backward, gradient all-reduce) with
+    ``"per_rank"`` BN and with ``"sync"`` BN. torch_cpu_error: what ``torch.nn.SyncBatchNorm`` says to a CPU tensor
+    under an initialized gloo group (None if it ran).
+    """
+
+    world_size: int
+    channels: list[int]
+    forward_sizes: list[list[int]]
+    backward_sizes: list[list[int]]
+    all_reduce_us: dict[int, float]
+    step_ms: dict[str, float]
+    torch_cpu_error: str | None = None
+
+    def table(self) -> str:
+        """One line per BN layer: its all-reduces per step, their sizes and their median gloo times."""
+        lines = [f"{'layer':>5} {'C':>5}  {'forward all-reduces':<26} {'backward all-reduces':<22} {'comm. time':>10}"]
+        for i, (c, fwd, bwd) in enumerate(zip(self.channels, self.forward_sizes, self.backward_sizes)):
+            time_us = sum(self.all_reduce_us[n] for n in fwd + bwd)
+            forward = f"{len(fwd)} of {'+'.join(map(str, fwd))}"
+            backward = f"{len(bwd)} of {'+'.join(map(str, bwd))}"
+            lines.append(f"{i:>5} {c:>5}  {forward:<26} {backward:<22} {time_us / 1000:>7.2f} ms")
+        return "\n".join(lines)
+
+
+def _communication_worker(rank: int, world_size: int, config: CommunicationConfig) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(config.per_rank_batch, 64, generator=generator)
+
+    # 1. Count the messages of one forward and one backward pass.
+    sync_model = convert_sync_batchnorm(mlp(64, config.hidden, activation="relu", norm="bn", seed=0))
+    with recorded_all_reduces() as forward_calls:
+        out = sync_model(x)
+    with recorded_all_reduces() as backward_calls:
+        out.square().mean().backward()
+    layers = len(config.hidden)
+    if len(forward_calls) != 2 * layers or len(backward_calls) != layers:
+        raise RuntimeError(f"expected 2 forward and 1 backward all-reduce per layer, got {forward_calls} and "
+                           f"{backward_calls} for {layers} layers")
+    forward_sizes = [forward_calls[2 * i : 2 * i + 2] for i in range(layers)]
+    backward_sizes = [[n] for n in reversed(backward_calls)]  # the backward visits the layers last to first
+
+    # 2. Time one all-reduce of each size (and of 2C + 1, the size of a one-round forward), interleaved.
+    sizes = sorted(set(forward_calls + backward_calls + [2 * c + 1 for c in config.hidden]))
+    buffers = {n: torch.zeros(n, dtype=torch.float64) for n in sizes}
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for repeat in range(config.repeats + 10):
+        for n in sizes[repeat % len(sizes):] + sizes[: repeat % len(sizes)]:
+            start = time.perf_counter()
+            dist.all_reduce(buffers[n])
+            if repeat >= 10:  # the first rounds warm up the connections
+                times[n].append(time.perf_counter() - start)
+
+    # 3. Time whole training steps with per-rank and with synchronized BN, interleaved.
+    models = {
+        "per_rank": DistributedDataParallel(mlp(64, config.hidden, activation="relu", norm="bn", seed=0)),
+        "sync": DistributedDataParallel(sync_model),
+    }
+    step_times: dict[str, list[float]] = {name: [] for name in models}
+    for repeat in range(config.step_repeats + 3):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            if repeat >= 3:
+                step_times[name].append(time.perf_counter() - start)
+
+    # 4. What torch's own SyncBatchNorm does with a CPU tensor under this gloo group.
+    try:
+        nn.SyncBatchNorm(4)(torch.randn(8, 4))
+        torch_cpu_error = None
+    except (ValueError, RuntimeError) as error:
+        torch_cpu_error = f"{type(error).__name__}: {error}"
+
+    return {
+        "forward_sizes": forward_sizes,
+        "backward_sizes": backward_sizes,
+        "all_reduce_us": {n: 1e6 * statistics.median(t) for n, t in times.items()},
+        "step_ms": {name: 1e3 * statistics.median(t) for name, t in step_times.items()},
+        "torch_cpu_error": torch_cpu_error,
+    }
+
+
+def measure_communication(config: CommunicationConfig = CommunicationConfig()) -> CommunicationCost:
+    """Count and time the all-reduces of `SyncBatchNorm` in `config.world_size` CPU processes over gloo.
+
+    Returns a `CommunicationCost`: per BN layer, the sizes of its forward and backward all-reduces (expected
+    [C + 1, C] and [2C]); the median time of one all-reduce of each size; the median time of a DDP training step with
+    per-rank and with synchronized BN. The numbers are this machine's, over loopback; they are latencies of a few
+    hundred floats, which is what SyncBN sends.
+    """
+    measured = launch(_communication_worker, config.world_size, (config,), timeout=config.timeout)[0]
+    return CommunicationCost(world_size=config.world_size, channels=list(config.hidden), **measured)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-rank BN, SyncBN, one process, Ghost BN: training on digits.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataParallelConfig:
+    """`compare_data_parallel_bn`'s setting: an `mlp` on digits, trained with the global batch split over ranks.
+
+    The global batch is ``world_size * per_rank_batch``. hidden, activation, lr, steps, eval_every: the model and
+    `TrainConfig`'s (plain SGD). seeds: one run per seed (model initialization and batch order).
+    dtype: "float64" makes "equal to one process" checkable to rounding error. timeout: seconds for the whole run.
+    """
+
+    world_size: int = 2
+    per_rank_batch: int = 2
+    hidden: tuple[int, ...] = (100, 100)
+    activation: str = "relu"
+    lr: float = 0.02
+    steps: int = 120
+    eval_every: int = 20
+    seeds: tuple[int, ...] = (0, 1)
+    dtype: str = "float64"
+    timeout: float = 300.0
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.per_rank_batch
+
+    def train_config(self, seed: int) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.global_batch, lr=self.lr, eval_every=self.eval_every,
+                           seed=seed)
+
+
+@dataclass
+class DataParallelResult:
+    """Training histories by variant, one per seed (in `config.seeds` order).
+
+    Variants: ``"single"`` BN in one process on the global batch; ``"sync"`` SyncBN over the ranks; ``"per_rank"``
+    BN on each rank's slice (DDP's default); ``"ghost"`` Ghost BN in one process, virtual batch = per-rank batch.
+    """
+
+    config: DataParallelConfig
+    histories: dict[str, list[History]] = field(default_factory=dict)
+
+    def final_test_acc(self, variant: str) -> list[float]:
+        return [h.final_test_acc for h in self.histories[variant]]
+
+    def max_train_loss_gap(self, variant: str, reference: str) -> float:
+        """The largest |difference| between two variants' per-step training losses, over all steps and seeds."""
+        return max(
+            max(abs(a - b) for a, b in zip(h.train_loss, g.train_loss, strict=True))
+            for h, g in zip(self.histories[variant], self.histories[reference], strict=True)
+        )
+
+
+def _digits(dtype: str) -> Dataset:
+    data = load_digits()
+    to = getattr(torch, dtype)
+    return Dataset(data.x_train.to(to), data.y_train, data.x_test.to(to), data.y_test)
+
+
+def _model(config: DataParallelConfig, seed: int, norm: Any = "bn") -> nn.Module:
+    model = mlp(64, config.hidden, activation=config.activation, norm=norm, seed=seed)
+    return model.to(getattr(torch, config.dtype))
+
+
+def _data_parallel_worker(
+    rank: int, world_size: int, config: DataParallelConfig, arrays: tuple[np.ndarray, ...]
+) -> dict[str, list[History]]:
+    # The parent sends the data as NumPy arrays (copied with the process arguments): the children skip importing
+    # scikit-learn, and no tensor memory is shared with another process.
+    data = Dataset(*(torch.from_numpy(a) for a in arrays))
+    histories: dict[str, list[History]] = {"sync": [], "per_rank": []}
+    for seed in config.seeds:
+        for variant in histories:
+            model = _model(config, seed)
+            if variant == "sync":
+                model = convert_sync_batchnorm(model)
+            histories[variant].append(train(SplitBatch(model), data, config.train_config(seed)))
+    return histories
+
+
+def compare_data_parallel_bn(config: DataParallelConfig = DataParallelConfig()) -> DataParallelResult:
+    """Train the same model four ways on digits and return their histories (see `DataParallelResult`).
+
+    The two data-parallel variants run in `config.world_size` CPU processes over gloo (`launch`), with the course's
+    training loop (`train`) around `SplitBatch`; the two single-process variants run here, on the CPU as well, so
+    that all four see the same float64 arithmetic. Every variant sees the same batches in the same order.
+    """
+    if not isinstance(config, DataParallelConfig):
+        raise TypeError(f"config must be a DataParallelConfig, got {type(config).__name__}")
+    data = _digits(config.dtype)
+    arrays = tuple(t.numpy() for t in (data.x_train, data.y_train, data.x_test, data.y_test))
+    distributed = launch(_data_parallel_worker, config.world_size, (config, arrays), timeout=config.timeout)[0]
+    ghost = partial(GhostBatchNorm1d, virtual_batch_size=config.per_rank_batch)
+    result = DataParallelResult(config, {"single": [], **distributed, "ghost": []})
+    for seed in config.seeds:
+        result.histories["single"].append(train(_model(config, seed), data, config.train_config(seed)))
+        result.histories["ghost"].append(train(_model(config, seed, ghost), data, config.train_config(seed)))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ghost BN: the virtual batch size as a noise knob, on one device.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GhostConfig:
+    """`ghost_batch_sweep`'s setting: an `mlp` with `GhostBatchNorm1d` on digits, one large batch, several V.
+
+    batch_size: the (large) batch of every SGD step; every virtual batch size must divide it, and V = batch_size is
+    plain BN. tail: the training-mode loss is averaged over the last `tail` steps. The rest as in `TrainConfig`.
+    """
+
+    batch_size: int = 128
+    virtual_batch_sizes: tuple[int, ...] = (2, 4, 8, 32, 128)
+    hidden: tuple[int, ...] = (100, 100)
+    activation: str = "relu"
+    lr: float = 0.1
+    steps: int = 200
+    tail: int = 50
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+@dataclass
+class GhostResult:
+    """What `ghost_batch_sweep` measured; arrays of shape (len(virtual_batch_sizes), len(seeds)).
+
+    train_mode_loss: the mean mini-batch loss over the last `tail` steps, in training mode (ghost statistics): the
+    objective SGD actually descends. train_loss: the eval-mode loss on the whole training split. test_acc: eval-mode
+    test accuracy at the end.
+    """
+
+    config: GhostConfig
+    train_mode_loss: np.ndarray
+    train_loss: np.ndarray
+    test_acc: np.ndarray
+
+
+def ghost_batch_sweep(config: GhostConfig = GhostConfig(), device: torch.device | str | None = None) -> GhostResult:
+    """Train the same model with Ghost BN at each virtual batch size of `config`, for each seed, on `device`.
+
+    device: defaults to `bnnotes.device()`. Returns a `GhostResult`.
+    """
+    if not isinstance(config, GhostConfig):
+        raise TypeError(f"config must be a GhostConfig, got {type(config).__name__}")
+    bad = [v for v in config.virtual_batch_sizes if config.batch_size % v != 0]
+    if bad:
+        raise ValueError(f"every virtual batch size must divide batch_size={config.batch_size}, got {bad}")
+    if device is None:
+        from bnnotes import device as best_device
+
+        device = best_device()
+    data = load_digits(device=device)
+    shape = (len(config.virtual_batch_sizes), len(config.seeds))
+    train_mode_loss, train_loss, test_acc = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for i, virtual_batch_size in enumerate(config.virtual_batch_sizes):
+        for j, seed in enumerate(config.seeds):
+            ghost = partial(GhostBatchNorm1d, virtual_batch_size=virtual_batch_size)
+            model = mlp(64, config.hidden, activation=config.activation, norm=ghost, seed=seed)
+            train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                                       eval_every=config.steps, seed=seed)
+            history = train(model, data, train_config)
+            train_mode_loss[i, j] = float(np.mean(history.train_loss[-config.tail:]))
+            train_loss[i, j] = evaluate(model, data.x_train, data.y_train)[0]
+            test_acc[i, j] = history.final_test_acc
+    return GhostResult(config, train_mode_loss, train_loss, test_acc)

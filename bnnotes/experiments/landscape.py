@@ -1,0 +1,667 @@
+"""Experiments of the loss-landscape chapter: Santurkar et al. (2018), "How Does Batch Normalization Help Optimization?".
+
+Three measurements, each built on the course's one training loop (`train` with a ``callback(step, model)``):
+
+- `noisy_bn_experiment`: BN with noise injected after it (a deliberate, time-varying covariate shift), against BN and
+  against the plain network, with the first two moments of one layer's input recorded over training.
+- `ics_experiment`: internal covariate shift measured through gradients (their Definition 2.1): a layer's gradient
+  before and after the layers below it take their step.
+- `landscape_experiment`: the loss and the gradient along the gradient (or a random) direction at checkpoints: the
+  loss range, the gradient change and the "effective" beta-smoothness, in absolute and in per-layer relative units.
+
+Models come from `mlp`; the normalizations are `bnnotes.torch_bn.BatchNorm1d` and `bnnotes.lp_norm.LpBatchNorm1d`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bnnotes.experiments.data import Dataset
+from bnnotes.experiments.models import NORMS, NormFactory, make_norm, mlp
+from bnnotes.experiments.training import History, TrainConfig, train
+
+__all__ = [
+    "ActivationNoise",
+    "with_noise",
+    "norm_factory",
+    "linear_teacher_data",
+    "distribution_instability",
+    "NoisyBNConfig",
+    "NoisyBNRun",
+    "noisy_bn_experiment",
+    "recompute_running_stats",
+    "gradient_ics",
+    "ICSConfig",
+    "ICSRun",
+    "ics_experiment",
+    "landscape_probe",
+    "rescale_pre_norm_weights",
+    "scale_symmetry",
+    "LandscapeConfig",
+    "LandscapeRun",
+    "landscape_experiment",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Noise injection
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ActivationNoise(nn.Module):
+    """Additive noise whose distribution is redrawn at every training step (train mode only; eval mode is the identity).
+
+    At every call in train mode, for each of the `width` units j, the step's noise distribution is drawn:
+    mean mu_j ~ U(-mean_range, mean_range) and standard deviation s_j ~ U(std_range[0], std_range[1]). Then every
+    activation of every example gets its own i.i.d. draw: out_ij = x_ij + eps_ij with eps_ij ~ N(mu_j, s_j^2).
+    The generator is the module's own, seeded by `seed`, so runs are reproducible and the global RNG is untouched.
+
+    >>> noise = ActivationNoise(3, seed=0).eval()
+    >>> bool((noise(torch.ones(2, 3)) == 1).all())
+    True
+    """
+
+    def __init__(
+        self, width: int, mean_range: float = 0.5, std_range: tuple[float, float] = (1.0, 1.5), seed: int = 0
+    ) -> None:
+        super().__init__()
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive integer, got {width!r}")
+        if mean_range < 0:
+            raise ValueError(f"mean_range must be non-negative, got {mean_range!r}")
+        low, high = std_range
+        if not 0 <= low <= high:
+            raise ValueError(f"std_range must be (low, high) with 0 <= low <= high, got {std_range!r}")
+        self.width = width
+        self.mean_range = float(mean_range)
+        self.std_range = (float(low), float(high))
+        self.enabled = True
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not self.enabled:
+            return x
+        g = self.generator
+        mean = (2.0 * torch.rand(self.width, generator=g) - 1.0) * self.mean_range
+        low, high = self.std_range
+        std = low + (high - low) * torch.rand(self.width, generator=g)
+        eps = torch.randn(x.shape, generator=g) * std + mean
+        return x + eps.to(device=x.device, dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.width}, mean_range={self.mean_range}, std_range={self.std_range}"
+
+
+def norm_factory(norm: str | NormFactory) -> NormFactory:
+    """A factory ``width -> nn.Module``: one of `make_norm`'s names, ``"l1"``, ``"l2"``, ``"linf"`` (ℓp batch norm,
+    `bnnotes.lp_norm.LpBatchNorm1d`), or a factory itself."""
+    if callable(norm):
+        return norm
+    lp = {"l1": 1, "l2": 2, "linf": math.inf}
+    if norm in lp:
+        from bnnotes.lp_norm import LpBatchNorm1d
+
+        p = lp[norm]
+        return lambda width: LpBatchNorm1d(width, p=p)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {sorted(NORMS) + sorted(lp)} or a callable width -> nn.Module, got {norm!r}")
+    return lambda width: make_norm(norm, width)
+
+
+def with_noise(
+    norm: str | NormFactory, mean_range: float = 0.5, std_range: tuple[float, float] = (1.0, 1.5), seed: int = 0
+) -> NormFactory:
+    """A norm factory whose layers are ``norm`` followed by `ActivationNoise` (each layer gets seed, seed + 1, ...).
+
+    ``with_noise("bn")`` is the paper's "noisy BatchNorm"; ``with_noise("none")`` puts the same noise into the plain net.
+    """
+    inner = norm_factory(norm)
+    counter = [0]
+
+    def factory(width: int) -> nn.Module:
+        counter[0] += 1
+        return nn.Sequential(inner(width), ActivationNoise(width, mean_range, std_range, seed + counter[0]))
+
+    return factory
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data and small measurements
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def linear_teacher_data(
+    n_features: int = 20, n_classes: int = 5, n_train: int = 1000, n_test: int = 500, seed: int = 0
+) -> Dataset:
+    """Synthetic Gaussian inputs labelled by a random linear teacher: x ~ N(0, I), y = argmax(x A), A ~ N(0, 1).
+
+    A (deep) linear network can represent the teacher exactly, which makes this the classification twin of the paper's
+    synthetic task for deep linear networks. Returns a `Dataset` of float32 inputs and int64 labels.
+
+    >>> data = linear_teacher_data(n_features=4, n_classes=3, n_train=10, n_test=5)
+    >>> tuple(data.x_train.shape), int(data.y_train.max()) < 3
+    ((10, 4), True)
+    """
+    if n_features < 1 or n_classes < 2 or n_train < 2 or n_test < 1:
+        raise ValueError(
+            f"need n_features >= 1, n_classes >= 2, n_train >= 2 and n_test >= 1, got {n_features}, {n_classes}, "
+            f"{n_train}, {n_test}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(n_features, n_classes, generator=g)
+    x = torch.randn(n_train + n_test, n_features, generator=g)
+    y = (x @ teacher).argmax(dim=1)
+    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+def distribution_instability(batch_mean: np.ndarray, batch_std: np.ndarray) -> float:
+    """How much a layer's input distribution moves from one recorded step to the next, relative to its spread.
+
+    batch_mean, batch_std: (T, units), the per-unit mean and standard deviation of the layer's input on a fixed probe
+    batch at T recorded steps. For each unit: the mean over steps of |Delta mean| + |Delta std|, divided by the unit's
+    average std; returns the median over units. 0 means a frozen distribution; 1 means the first two moments move by
+    about one standard deviation per recorded step.
+
+    >>> distribution_instability(np.array([[0.0], [1.0], [0.0]]), np.ones((3, 1)))
+    1.0
+    """
+    batch_mean = np.asarray(batch_mean, dtype=float)
+    batch_std = np.asarray(batch_std, dtype=float)
+    if batch_mean.shape != batch_std.shape or batch_mean.ndim != 2 or batch_mean.shape[0] < 2:
+        raise ValueError(
+            f"batch_mean and batch_std must both be (T, units) with T >= 2, got {batch_mean.shape} and {batch_std.shape}"
+        )
+    step_change = np.abs(np.diff(batch_mean, axis=0)) + np.abs(np.diff(batch_std, axis=0))
+    spread = batch_std.mean(axis=0)
+    return float(np.median(step_change.mean(axis=0) / np.maximum(spread, 1e-12)))
+
+
+def _norm_layers(model: nn.Module) -> list[nn.Module]:
+    from bnnotes.lp_norm import LpBatchNorm1d
+    from bnnotes.torch_bn import BatchNorm1d
+
+    return [m for m in model.modules() if isinstance(m, (BatchNorm1d, LpBatchNorm1d))]
+
+
+@torch.no_grad()
+def recompute_running_stats(model: nn.Module, x: Tensor, batch_size: int = 60) -> nn.Module:
+    """A copy of `model` whose BN running statistics are recomputed on x (N, features) with the noise switched off.
+
+    The running statistics are reset and replaced by the cumulative average over consecutive batches of x, which is
+    what inference should see when the training-time noise is gone. The input model is not changed.
+    """
+    from bnnotes.torch_bn import BatchNorm1d
+
+    fresh = copy.deepcopy(model)
+    for module in fresh.modules():
+        if isinstance(module, ActivationNoise):
+            module.enabled = False
+        if isinstance(module, BatchNorm1d):
+            module.reset_running_stats()
+            module.momentum = None
+    fresh.train()
+    for start in range(0, x.shape[0] - batch_size + 1, batch_size):
+        fresh(x[start : start + batch_size])
+    return fresh.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Noisy BN
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoisyBNConfig:
+    """A sigmoid MLP trained with plain SGD on digits, with and without BN and noise (see `ActivationNoise`).
+
+    layer: which hidden layer's input to the nonlinearity is recorded (0-based; -1 is the last). record_every: record
+    its moments on a fixed probe batch of `probe_size` training images every this many steps.
+    """
+
+    hidden: tuple[int, ...] = (100, 100, 100)
+    activation: str = "sigmoid"
+    steps: int = 600
+    lr: float = 1.0
+    batch_size: int = 60
+    eval_every: int = 50
+    mean_range: float = 0.5
+    std_range: tuple[float, float] = (1.0, 1.5)
+    variants: tuple[str, ...] = ("plain", "bn", "noisy_bn", "plain_noise")
+    seeds: tuple[int, ...] = (0, 1)
+    layer: int = -1
+    record_every: int = 5
+    probe_size: int = 200
+    unit: int = 0
+    init_std: float | None = 0.1
+
+
+@dataclass
+class NoisyBNRun:
+    """One training run: its `History`, and the recorded layer input on the probe batch.
+
+    record_step: (T,) steps; batch_mean, batch_std: (T, units); unit_percentiles: (T, 5) the 5/15/50/85/95th
+    percentiles of unit `config.unit`'s input; instability: `distribution_instability` of the moments.
+    """
+
+    variant: str
+    seed: int
+    history: History
+    record_step: np.ndarray
+    batch_mean: np.ndarray
+    batch_std: np.ndarray
+    unit_percentiles: np.ndarray
+    instability: float
+    model: nn.Module = field(repr=False)
+
+
+PERCENTILES = (5, 15, 50, 85, 95)
+
+
+def _noisy_model(variant: str, config: NoisyBNConfig, n_features: int, n_classes: int, seed: int) -> nn.Sequential:
+    noise = {"mean_range": config.mean_range, "std_range": config.std_range, "seed": 1000 * (seed + 1)}
+    factories: dict[str, str | NormFactory] = {
+        "plain": "none",
+        "bn": "bn",
+        "noisy_bn": with_noise("bn", **noise),
+        "plain_noise": with_noise("none", **noise),
+    }
+    if variant not in factories:
+        raise ValueError(f"variant must be one of {sorted(factories)}, got {variant!r}")
+    return mlp(
+        n_features,
+        hidden=config.hidden,
+        out_features=n_classes,
+        activation=config.activation,
+        norm=factories[variant],
+        linear_bias=variant.startswith("plain"),
+        init_std=config.init_std,
+        seed=seed,
+    )
+
+
+def noisy_bn_experiment(config: NoisyBNConfig, data: Dataset) -> list[NoisyBNRun]:
+    """Train every variant of `config` for every seed; returns the runs (variant-major, then seed).
+
+    The recorded quantity is the input to the nonlinearity of hidden layer `config.layer` (after BN and noise), on a
+    fixed probe batch run in train mode, so that it is the distribution that layer sees while training. Recording does
+    not move the running statistics (they are saved and restored around the probe).
+    """
+    n_hidden = len(config.hidden)
+    layer = config.layer % n_hidden
+    probe_gen = torch.Generator().manual_seed(12345)
+    probe_idx = torch.randperm(data.x_train.shape[0], generator=probe_gen)[: config.probe_size]
+    probe = data.x_train[probe_idx.to(data.x_train.device)]
+    runs: list[NoisyBNRun] = []
+    for variant in config.variants:
+        for seed in config.seeds:
+            model = _noisy_model(variant, config, data.n_features, data.n_classes, seed)
+            tap = model[3 * layer + 1]  # the layer's norm (+ noise) module: its output feeds the nonlinearity
+            captured: list[Tensor] = []
+            handle = tap.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+            steps, means, stds, pcts = [], [], [], []
+
+            def callback(step: int, net: nn.Module) -> None:
+                if step % config.record_every:
+                    return
+                buffers = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+                captured.clear()
+                was_training = net.training
+                net.train()
+                with torch.no_grad():
+                    net(probe)
+                net.train(was_training)
+                net.load_state_dict(buffers, strict=False)
+                act = captured[-1].double().cpu()
+                steps.append(step)
+                means.append(act.mean(0).numpy())
+                stds.append(act.std(0, unbiased=False).numpy())
+                pcts.append(np.percentile(act[:, config.unit].numpy(), PERCENTILES))
+
+            history = train(
+                model,
+                data,
+                TrainConfig(
+                    steps=config.steps, lr=config.lr, batch_size=config.batch_size, eval_every=config.eval_every,
+                    seed=seed,
+                ),
+                callback=callback,
+            )
+            handle.remove()
+            batch_mean, batch_std = np.array(means), np.array(stds)
+            runs.append(
+                NoisyBNRun(
+                    variant, seed, history, np.array(steps), batch_mean, batch_std, np.array(pcts),
+                    distribution_instability(batch_mean, batch_std), model,
+                )
+            )
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Internal covariate shift through gradients (Definition 2.1)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _linear_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weight matrices of every nn.Linear in `model`, in forward order, with their parameter names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(m.weight)], m.weight) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def gradient_ics(model: nn.Module, x: Tensor, y: Tensor, lr: float) -> tuple[np.ndarray, np.ndarray]:
+    """ICS of every Linear layer in the sense of Santurkar et al. (2018), Definition 2.1, on the batch (x, y).
+
+    G_i is the gradient of the cross-entropy with respect to layer i's weight at the current parameters (the gradient a
+    simultaneous SGD update would apply); G'_i is the same gradient after every parameter *before* layer i has taken
+    its SGD step W <- W - lr * G. Returns (l2, cosine), each (n_layers,): ||G_i - G'_i|| and cos(G_i, G'_i).
+    Works on a copy in train mode; the model itself is untouched. Layer 0 has nothing before it: l2 = 0, cosine = 1.
+    """
+    net = copy.deepcopy(model).train()
+    params = dict(net.named_parameters())
+    order = [n for n, _ in net.named_parameters()]
+    weights = [n for n, _ in _linear_weights(net)]
+    loss = F.cross_entropy(net(x), y)
+    grads = dict(zip(order, torch.autograd.grad(loss, [params[n] for n in order])))
+    l2, cosine = [], []
+    for name in weights:
+        before = order[: order.index(name)]
+        with torch.no_grad():
+            for n in before:
+                params[n].sub_(lr * grads[n])
+        loss_shifted = F.cross_entropy(net(x), y)
+        (g_shifted,) = torch.autograd.grad(loss_shifted, [params[name]])
+        with torch.no_grad():
+            for n in before:
+                params[n].add_(lr * grads[n])
+        g = grads[name]
+        l2.append((g - g_shifted).norm().item())
+        cosine.append(F.cosine_similarity(g.flatten(), g_shifted.flatten(), dim=0).item())
+    return np.array(l2), np.array(cosine)
+
+
+@dataclass(frozen=True)
+class ICSConfig:
+    """Training runs on which `gradient_ics` is measured every `measure_every` steps on a fixed batch.
+
+    data: ``"digits"`` (an MLP with `activation`) or ``"linear"`` (a deep linear network on `linear_teacher_data`,
+    `hidden` identity layers initialised with N(0, 1/width)). init_std: the MLP's N(0, init_std^2) initialisation.
+    """
+
+    data: str = "digits"
+    hidden: tuple[int, ...] = (100, 100, 100)
+    activation: str = "sigmoid"
+    norms: tuple[str, ...] = ("none", "bn")
+    steps: int = 300
+    lr: float = 0.5
+    batch_size: int = 60
+    measure_every: int = 25
+    seeds: tuple[int, ...] = (0, 1)
+    init_std: float | None = 0.1
+
+
+@dataclass
+class ICSRun:
+    """measure_step: (T,); l2, cosine: (T, n_linear_layers) from `gradient_ics`; history: the run's `History`."""
+
+    norm: str
+    seed: int
+    history: History
+    measure_step: np.ndarray
+    l2: np.ndarray
+    cosine: np.ndarray
+    grad_norm: np.ndarray
+
+
+def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRun]:
+    """Train one network per (norm, seed) and measure ICS (Definition 2.1) at checkpoints; runs norm-major.
+
+    data: the digits `Dataset` for ``config.data == "digits"``; for ``"linear"`` only its device is used.
+    """
+    if config.data == "linear":
+        synthetic = linear_teacher_data(seed=0)
+        data = synthetic.to(data.x_train.device) if data is not None else synthetic
+        activation, init_std = "identity", 1.0 / math.sqrt(config.hidden[0])
+    elif config.data == "digits":
+        if data is None:
+            raise ValueError("config.data='digits' needs the digits Dataset as `data`")
+        activation, init_std = config.activation, config.init_std
+    else:
+        raise ValueError(f"config.data must be 'digits' or 'linear', got {config.data!r}")
+    gen = torch.Generator().manual_seed(54321)
+    idx = torch.randperm(data.x_train.shape[0], generator=gen)[: config.batch_size].to(data.x_train.device)
+    x_probe, y_probe = data.x_train[idx], data.y_train[idx]
+    runs = []
+    for norm in config.norms:
+        for seed in config.seeds:
+            model = mlp(
+                data.n_features, hidden=config.hidden, out_features=data.n_classes, activation=activation,
+                norm=norm_factory(norm), linear_bias=norm == "none", init_std=init_std, seed=seed,
+            )
+            steps, l2s, coss, gnorms = [], [], [], []
+
+            def callback(step: int, net: nn.Module) -> None:
+                if step % config.measure_every:
+                    return
+                l2, cos = gradient_ics(net, x_probe, y_probe, config.lr)
+                net_copy = copy.deepcopy(net).train()
+                loss = F.cross_entropy(net_copy(x_probe), y_probe)
+                ws = [w for _, w in _linear_weights(net_copy)]
+                gnorms.append([g.norm().item() for g in torch.autograd.grad(loss, ws)])
+                steps.append(step)
+                l2s.append(l2)
+                coss.append(cos)
+
+            history = train(
+                model, data, TrainConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+                                         eval_every=config.measure_every, seed=seed),
+                callback=callback,
+            )
+            runs.append(ICSRun(norm, seed, history, np.array(steps), np.array(l2s), np.array(coss), np.array(gnorms)))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loss landscape along a direction
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _loss_and_weight_grads(net: nn.Module, weights: list[nn.Parameter], x: Tensor, y: Tensor):
+    loss = F.cross_entropy(net(x), y)
+    return loss.item(), [g.detach() for g in torch.autograd.grad(loss, weights)]
+
+
+def landscape_probe(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    step_sizes: Sequence[float],
+    direction: str = "gradient",
+    relative: bool = False,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Walk from the current weights along a direction and measure the loss and the gradient (Santurkar Fig. 4).
+
+    Only the weight matrices of the nn.Linear layers move (biases, gamma, beta stay put). With g = dL/dW on (x, y) in
+    train mode and d the direction (``"gradient"``: -g; ``"random"``: Gaussian, rescaled per layer to ||g_k||):
+
+    - ``relative=False`` (the paper's protocol): W' = W + eta * d for each eta in `step_sizes`; distances and gradient
+      changes are Euclidean over all weight matrices.
+    - ``relative=True`` (per-layer relative units, invariant to rescaling any layer's weights): each layer moves by
+      rho = eta of its own norm, W_k' = W_k + eta * ||W_k|| * d_k / ||d_k||; the distance is eta * sqrt(n_layers)
+      and a gradient change is measured as sqrt(sum_k (||W_k|| * ||g_k(W') - g_k(W)||)^2).
+
+    Returns ``loss_range`` (max - min of the loss over the steps), ``loss_min``, ``loss_max``, ``grad_change_max``
+    and ``grad_change_min`` (over the steps) and ``beta_eff`` (the max over steps of gradient change / distance).
+    The model is not changed (a copy is used).
+    """
+    if direction not in ("gradient", "random"):
+        raise ValueError(f"direction must be 'gradient' or 'random', got {direction!r}")
+    if len(step_sizes) == 0 or min(step_sizes) <= 0:
+        raise ValueError(f"step_sizes must be a non-empty sequence of positive numbers, got {step_sizes!r}")
+    net = copy.deepcopy(model).train()
+    weights = [w for _, w in _linear_weights(net)]
+    origin = [w.detach().clone() for w in weights]
+    _, grads = _loss_and_weight_grads(net, weights, x, y)
+    if direction == "gradient":
+        dirs = [-g for g in grads]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        dirs = []
+        for g in grads:
+            r = torch.randn(g.shape, generator=gen).to(g)
+            dirs.append(r * (g.norm() / r.norm().clamp_min(1e-30)))
+    w_norms = [w.norm() for w in origin]
+    losses, changes, betas = [], [], []
+    for eta in step_sizes:
+        with torch.no_grad():
+            for w, w0, d, wn in zip(weights, origin, dirs, w_norms):
+                step = eta * wn * d / d.norm().clamp_min(1e-30) if relative else eta * d
+                w.copy_(w0 + step)
+        loss, new_grads = _loss_and_weight_grads(net, weights, x, y)
+        if relative:
+            change = math.sqrt(sum(((wn * (g1 - g0).norm()) ** 2).item() for g0, g1, wn in zip(grads, new_grads, w_norms)))
+            distance = eta * math.sqrt(len(weights))
+        else:
+            change = math.sqrt(sum(((g1 - g0).norm() ** 2).item() for g0, g1 in zip(grads, new_grads)))
+            distance = eta * math.sqrt(sum((d.norm() ** 2).item() for d in dirs))
+        losses.append(loss)
+        changes.append(change)
+        betas.append(change / max(distance, 1e-30))
+    return {
+        "loss_range": max(losses) - min(losses),
+        "loss_min": min(losses),
+        "loss_max": max(losses),
+        "grad_change_max": max(changes),
+        "grad_change_min": min(changes),
+        "beta_eff": max(betas),
+    }
+
+
+@torch.no_grad()
+def rescale_pre_norm_weights(model: nn.Sequential, factor: float) -> nn.Sequential:
+    """A copy of an `mlp` with every hidden Linear weight (the ones feeding a normalization) multiplied by `factor`.
+
+    With BN (or ℓp BN without bias) after each of them the network computes the same function: BN(a W x) = BN(W x) for
+    a > 0, up to eps. Gradients with respect to those weights scale by 1/a, second derivatives by 1/a^2.
+    """
+    if factor <= 0:
+        raise ValueError(f"factor must be positive (BN is invariant to positive rescaling only), got {factor!r}")
+    scaled = copy.deepcopy(model)
+    linears = [m for m in scaled if isinstance(m, nn.Linear)]
+    for layer in linears[:-1]:
+        layer.weight.mul_(factor)
+    return scaled
+
+
+def scale_symmetry(model: nn.Sequential, x: Tensor, y: Tensor, factor: float) -> dict[str, float]:
+    """Loss, gradient and curvature of the pre-norm weights before and after `rescale_pre_norm_weights` by `factor`.
+
+    The block is the hidden Linear weights (the ones feeding a normalization); v is the unit vector along the block's
+    gradient in the original model. Returns ``loss_ratio`` (scaled / original; 1 for a scale-invariant net),
+    ``grad_ratio`` (||g_a|| / ||g||; 1/a) and ``curvature_ratio`` (v^T H_a v / v^T H v; 1/a^2), all in train mode.
+    """
+
+    def measure(net: nn.Sequential, v: list[Tensor] | None):
+        net = copy.deepcopy(net).train()
+        block = [m.weight for m in net if isinstance(m, nn.Linear)][:-1]
+        loss = F.cross_entropy(net(x), y)
+        grads = torch.autograd.grad(loss, block, create_graph=True)
+        if v is None:
+            norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))
+            v = [g.detach() / norm for g in grads]
+        directional = sum((g * vk).sum() for g, vk in zip(grads, v))
+        hv = torch.autograd.grad(directional, block)
+        curvature = sum((h * vk).sum() for h, vk in zip(hv, v)).item()
+        grad_norm = math.sqrt(sum((g.detach() ** 2).sum().item() for g in grads))
+        return loss.item(), grad_norm, curvature, v
+
+    loss, grad_norm, curvature, v = measure(model, None)
+    loss_a, grad_norm_a, curvature_a, _ = measure(rescale_pre_norm_weights(model, factor), v)
+    return {
+        "loss_ratio": loss_a / loss,
+        "grad_ratio": grad_norm_a / grad_norm,
+        "curvature_ratio": curvature_a / curvature,
+    }
+
+
+@dataclass(frozen=True)
+class LandscapeConfig:
+    """Sigmoid MLPs on digits trained with SGD; `landscape_probe` runs every `measure_every` steps on a fixed batch.
+
+    step_sizes: multiples of lr along the gradient in the paper's (absolute) protocol. relative_steps: per-layer
+    relative step sizes for the scale-invariant protocol.
+    """
+
+    hidden: tuple[int, ...] = (100, 100, 100)
+    activation: str = "sigmoid"
+    norms: tuple[str, ...] = ("none", "bn")
+    steps: int = 500
+    lr: float = 0.5
+    batch_size: int = 60
+    eval_every: int = 50
+    measure_every: int = 50
+    step_sizes: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+    relative_steps: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
+    seeds: tuple[int, ...] = (0, 1)
+    init_std: float | None = 0.1
+
+
+@dataclass
+class LandscapeRun:
+    """measure_step: (T,); measures[(direction, protocol)][key]: (T,) for every key of `landscape_probe`'s result,
+    with direction in {"gradient", "random"} and protocol in {"absolute", "relative"}."""
+
+    norm: str
+    seed: int
+    history: History
+    measure_step: np.ndarray
+    measures: dict[tuple[str, str], dict[str, np.ndarray]]
+    model: nn.Module = field(repr=False)
+
+
+def landscape_experiment(config: LandscapeConfig, data: Dataset) -> list[LandscapeRun]:
+    """Train one network per (norm, seed) and probe the landscape at checkpoints; runs norm-major."""
+    gen = torch.Generator().manual_seed(2468)
+    idx = torch.randperm(data.x_train.shape[0], generator=gen)[: config.batch_size].to(data.x_train.device)
+    x_probe, y_probe = data.x_train[idx], data.y_train[idx]
+    absolute_steps = tuple(config.lr * s for s in config.step_sizes)
+    runs = []
+    for norm in config.norms:
+        for seed in config.seeds:
+            model = mlp(
+                data.n_features, hidden=config.hidden, out_features=data.n_classes, activation=config.activation,
+                norm=norm_factory(norm), linear_bias=norm == "none", init_std=config.init_std, seed=seed,
+            )
+            steps: list[int] = []
+            raw: dict[tuple[str, str], list[dict[str, float]]] = {}
+
+            def callback(step: int, net: nn.Module) -> None:
+                if step % config.measure_every:
+                    return
+                steps.append(step)
+                for direction in ("gradient", "random"):
+                    for protocol, sizes in (("absolute", absolute_steps), ("relative", config.relative_steps)):
+                        result = landscape_probe(
+                            net, x_probe, y_probe, sizes, direction, relative=protocol == "relative", seed=step
+                        )
+                        raw.setdefault((direction, protocol), []).append(result)
+
+            history = train(
+                model, data, TrainConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+                                         eval_every=config.eval_every, seed=seed),
+                callback=callback,
+            )
+            measures = {
+                key: {name: np.array([r[name] for r in results]) for name in results[0]}
+                for key, results in raw.items()
+            }
+            runs.append(LandscapeRun(norm, seed, history, np.array(steps), measures, model))
+    return runs

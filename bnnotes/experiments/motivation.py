@@ -1,0 +1,661 @@
+"""Experiments of the motivation chapter: why normalize, and what BN promises (Ioffe & Szegedy, 2015).
+
+Each function runs one experiment of ``book/motivation.md`` with an explicit, small configuration and returns plain
+numbers (NumPy arrays in small dataclasses) that the chapter plots and asserts on. Everything is built on the shared
+pieces: `mlp`, `train`, `TrainConfig`, `evaluate`, `steps_to_accuracy` and `load_digits`; models use bnnotes' own BN.
+
+- `gradient_norms_at_init`: how the gradient shrinks layer by layer through sigmoids, with and without BN.
+- `normalization_cost`: wall time of full whitening against per-feature standardization, as the width grows.
+- `pre_bn_bias_effect`: a bias before BN changes nothing and receives a zero gradient.
+- `reproduce_figure1`: Figure 1 of the paper at small scale (accuracy, and percentiles of one sigmoid's input).
+- `learning_rate_sweep`, `init_scale_sweep`: steps to a target accuracy across learning rates and initial scales.
+- `generalization_gap`: train against test accuracy and loss on a small training subset.
+- `saturating_nonlinearities`: a deep sigmoid net against a deep ReLU net, with and without BN.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from bnnotes import numpy_bn
+from bnnotes.experiments.data import Dataset, load_digits
+from bnnotes.experiments.models import mlp
+from bnnotes.experiments.training import History, TrainConfig, evaluate, steps_to_accuracy, train
+
+__all__ = [
+    "PERCENTILES",
+    "SigmoidInputTrace",
+    "Figure1Run",
+    "Sweep",
+    "GapRun",
+    "SaturationResult",
+    "NormalizationCost",
+    "BiasAbsorption",
+    "gradient_norms_at_init",
+    "normalization_cost",
+    "pre_bn_bias_effect",
+    "reproduce_figure1",
+    "learning_rate_sweep",
+    "init_scale_sweep",
+    "generalization_gap",
+    "saturating_nonlinearities",
+]
+
+#: The percentiles of Figure 1 (b, c) of Ioffe & Szegedy (2015).
+PERCENTILES: tuple[float, float, float] = (15.0, 50.0, 85.0)
+
+_NORMS = ("none", "bn")
+
+
+def _check_norms(norms: Sequence[str]) -> tuple[str, ...]:
+    norms = tuple(norms)
+    unknown = [n for n in norms if n not in _NORMS]
+    if not norms or unknown:
+        raise ValueError(f"norms must be a non-empty subset of {_NORMS} (plain, with BN), got {norms!r}")
+    return norms
+
+
+def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
+    seeds = tuple(seeds)
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise TypeError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    return seeds
+
+
+def _check_target(target: float) -> None:
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target must be a test accuracy in (0, 1], got {target!r}")
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saturating nonlinearities: the gradient through a stack of sigmoids
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def gradient_norms_at_init(
+    depth: int = 6,
+    activations: Sequence[str] = ("sigmoid", "relu"),
+    norms: Sequence[str] = ("none", "bn"),
+    seeds: Sequence[int] = (0, 1),
+    init_std: float = 0.1,
+    batch_size: int = 60,
+    device: torch.device | str | None = None,
+) -> dict[tuple[str, str], np.ndarray]:
+    """The norm of the loss gradient with respect to each Linear layer's weight, at initialization.
+
+    For each (activation, norm) a ``depth`` x 100 network (`mlp`, weights from N(0, init_std^2)) takes one mini-batch
+    of `batch_size` digits drawn with the seed, and one backward pass of the cross-entropy.
+    Returns {(activation, norm): array (len(seeds), depth + 1)}: the Frobenius norm of dL/dW for the Linear layers
+    from the input (column 0) to the output layer (column depth).
+
+    >>> norms = gradient_norms_at_init(depth=2, activations=("sigmoid",), norms=("none",), seeds=(0,))
+    >>> norms["sigmoid", "none"].shape
+    (1, 3)
+    """
+    norms = _check_norms(norms)
+    seeds = _check_seeds(seeds)
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    data = load_digits(device=device)
+    result: dict[tuple[str, str], np.ndarray] = {}
+    for activation in activations:
+        for norm in norms:
+            rows = []
+            for seed in seeds:
+                model = mlp(data.n_features, hidden=(100,) * depth, activation=activation, norm=norm,
+                            init_std=init_std, seed=seed).to(data.x_train.device)
+                generator = torch.Generator().manual_seed(seed)
+                idx = torch.randperm(data.x_train.shape[0], generator=generator)[:batch_size].to(data.x_train.device)
+                model.train()
+                F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+                linears = [m for m in model if isinstance(m, nn.Linear)]
+                rows.append([layer.weight.grad.norm().item() for layer in linears])
+            result[activation, norm] = np.array(rows)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Why not whiten: cost, and the bias that BN's beta absorbs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NormalizationCost:
+    """Wall time of one whitening and of one per-feature standardization of a (batch_size, d) batch, per width d.
+
+    dims: (D,) the widths. whiten_seconds, standardize_seconds: (D,) medians over interleaved repeats.
+    """
+
+    dims: np.ndarray
+    batch_size: int
+    whiten_seconds: np.ndarray
+    standardize_seconds: np.ndarray
+
+    @property
+    def ratio(self) -> np.ndarray:
+        """(D,) how many times longer whitening takes than per-feature standardization."""
+        return self.whiten_seconds / self.standardize_seconds
+
+
+def normalization_cost(
+    whiten: Callable[[np.ndarray, float], np.ndarray],
+    dims: Sequence[int] = (100, 200, 400, 700, 1000),
+    batch_size: int = 128,
+    repeats: int = 3,
+    eps: float = 1e-5,
+    seed: int = 0,
+) -> NormalizationCost:
+    """Time ``whiten(x, eps)`` (full whitening) against per-feature standardization (`numpy_bn.forward`).
+
+    x is a float64 (batch_size, d) Gaussian batch with correlated features, for each d in `dims`. The runs are
+    interleaved (every width and both methods once per repeat) so that a busy machine slows both alike, a fast call is
+    repeated until a timing sample lasts 5 ms, and the median over `repeats` of the time per call is reported. Both
+    run on one BLAS thread (``threadpoolctl``, restored afterwards): the comparison is per core, and on a shared
+    machine BLAS threads otherwise wait for each other. This is a measurement to look at, not to assert on: absolute
+    times depend on the machine; the growth of the ratio with d is the point.
+
+    >>> cost = normalization_cost(lambda x, eps: x - x.mean(0), dims=(4, 8), batch_size=16, repeats=1)
+    >>> cost.ratio.shape
+    (2,)
+    """
+    if not callable(whiten):
+        raise TypeError(f"whiten must be a function (x, eps) -> x_white, got {type(whiten).__name__}")
+    dims = np.asarray(dims, dtype=int)
+    if dims.ndim != 1 or dims.size == 0 or (dims < 1).any():
+        raise ValueError(f"dims must be a non-empty sequence of positive widths, got {dims.tolist()!r}")
+    if repeats < 1 or batch_size < 2:
+        raise ValueError(f"repeats must be >= 1 and batch_size >= 2, got repeats={repeats}, batch_size={batch_size}")
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for d in dims:
+        mixing = rng.standard_normal((d, d)) / math.sqrt(d) + np.eye(d)  # correlated features
+        batches[d] = rng.standard_normal((batch_size, d)) @ mixing
+    methods = {
+        d: (lambda x=batches[d]: whiten(x, eps),
+            lambda x=batches[d], ones=np.ones(d), zeros=np.zeros(d): numpy_bn.forward(x, ones, zeros, eps))
+        for d in dims
+    }
+    times = np.zeros((2, repeats, dims.size))
+    with threadpool_limits(limits=1):
+        calls = {(d, k): _calls_per_sample(fn) for d in dims for k, fn in enumerate(methods[d])}
+        for r in range(repeats):
+            for j, d in enumerate(dims):
+                for k, fn in enumerate(methods[d]):
+                    start = time.perf_counter()
+                    for _ in range(calls[d, k]):
+                        fn()
+                    times[k, r, j] = (time.perf_counter() - start) / calls[d, k]
+    medians = np.median(times, axis=1)
+    return NormalizationCost(dims, batch_size, medians[0], medians[1])
+
+
+def _calls_per_sample(fn: Callable[[], object], min_seconds: float = 0.005) -> int:
+    """How many calls of `fn` one timing sample needs to last `min_seconds`: fast calls are timed in a loop, so that
+    the clock's resolution and a busy machine's interruptions weigh on them no more than on slow ones."""
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return max(1, math.ceil(min_seconds / max(once, 1e-7)))
+
+
+@dataclass(frozen=True)
+class BiasAbsorption:
+    """What a bias in front of BN does (Ioffe & Szegedy, 2015, Section 3.2).
+
+    output_change: the largest change of the BN layer's output when the bias is shifted.
+    bias_grad_max, weight_grad_max: the largest |dL/db| and |dL/dW| of that Linear layer.
+    """
+
+    output_change: float
+    bias_grad_max: float
+    weight_grad_max: float
+
+
+def pre_bn_bias_effect(
+    bias_shift: float = 3.0, batch_size: int = 60, width: int = 100, seed: int = 0
+) -> BiasAbsorption:
+    """Shift the bias of the Linear layer in ``Linear(64, width) -> BatchNorm1d -> sigmoid`` and measure what changes.
+
+    The layer is `mlp` with one hidden layer, a Linear bias kept on purpose, and bnnotes' own `BatchNorm1d` with a
+    non-trivial gamma and beta, in float64 and training mode; its readout Linear and the cross-entropy of a batch of
+    digits give the loss. The bias is shifted by `bias_shift` times a standard normal vector.
+
+    >>> effect = pre_bn_bias_effect(batch_size=8, width=5)
+    >>> effect.output_change < 1e-12 and effect.bias_grad_max < 1e-12
+    True
+    """
+    _check_positive(bias_shift=bias_shift)
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 for batch statistics, got {batch_size}")
+    data = load_digits()
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(data.x_train.shape[0], generator=generator)[:batch_size]
+    x, y = data.x_train[idx].double(), data.y_train[idx]
+    model = mlp(data.n_features, hidden=(width,), norm="bn", linear_bias=True, init_std=0.1, seed=seed).double()
+    linear, norm = model[0], model[1]
+    with torch.no_grad():  # a non-zero bias, and a non-trivial gamma and beta
+        linear.bias.normal_(0.0, 1.0, generator=generator)
+        norm.weight.uniform_(0.5, 2.0, generator=generator)
+        norm.bias.normal_(0.0, 1.0, generator=generator)
+    hidden_layer = model[:3].train()
+
+    out_before = hidden_layer(x)
+    F.cross_entropy(model[3](out_before), y).backward()
+    with torch.no_grad():
+        linear.bias.add_(bias_shift * torch.randn(width, generator=generator, dtype=torch.float64))
+        out_after = hidden_layer(x)
+    return BiasAbsorption(
+        output_change=(out_after - out_before).abs().max().item(),
+        bias_grad_max=linear.bias.grad.abs().max().item(),
+        weight_grad_max=linear.weight.grad.abs().max().item(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figure 1 of the paper
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SigmoidInputTrace:
+    """Percentiles of the inputs to the sigmoids of one hidden layer, measured on a held-out batch during training.
+
+    steps: (T,) the training steps at which they were measured (0: before the first update).
+    percentiles: (T, 3, units): the `PERCENTILES` (15th, 50th, 85th) over the held-out batch, for each unit.
+    """
+
+    steps: np.ndarray
+    percentiles: np.ndarray
+
+    def unit_drift(self, start: int = 0, end: int = -1) -> np.ndarray:
+        """(units,): how far each unit's percentiles moved between measurements `start` and `end` (indices).
+
+        The mean over the three percentiles of |P_q(end) - P_q(start)|, in the units of the sigmoid's input.
+        """
+        return np.abs(self.percentiles[end] - self.percentiles[start]).mean(axis=0)
+
+    def drift(self, start: int = 0, end: int = -1) -> float:
+        """The median over units of `unit_drift`: one number for how much the layer's input distribution moved."""
+        return float(np.median(self.unit_drift(start, end)))
+
+    def spread(self) -> np.ndarray:
+        """(T,): the median over units of the 15th-to-85th percentile range, the width of the distribution."""
+        return np.median(self.percentiles[:, 2] - self.percentiles[:, 0], axis=1)
+
+    def typical_unit(self) -> int:
+        """The unit whose drift is the median over units (the lower one for an even count): a typical sigmoid."""
+        drift = self.unit_drift()
+        return int(np.argsort(drift)[(drift.size - 1) // 2])
+
+
+@dataclass(frozen=True)
+class Figure1Run:
+    """One training run of the Figure 1 network: its `History` (test accuracy against steps) and its trace."""
+
+    norm: str
+    seed: int
+    history: History
+    trace: SigmoidInputTrace
+
+
+def _percentile_recorder(model: nn.Sequential, layer: int, held_out: Dataset, measure_every: int):
+    """A `train` callback that records the percentiles of the inputs to hidden layer `layer`'s activation.
+
+    The held-out batch (the whole test split) goes through the network in training mode, so a BN layer normalizes it
+    with its own statistics, as during training; `evaluate` restores the running statistics afterwards.
+    """
+    activation = model[3 * layer + 2]
+    quantiles = torch.tensor(PERCENTILES, device=held_out.x_test.device) / 100.0
+    steps: list[int] = []
+    rows: list[np.ndarray] = []
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        captured["z"] = inputs[0].detach()
+
+    def callback(step: int, net: nn.Module) -> None:
+        if step % measure_every:
+            return
+        handle = activation.register_forward_hook(capture)
+        try:
+            evaluate(net, held_out.x_test, held_out.y_test, eval_mode=False)
+        finally:
+            handle.remove()
+        steps.append(step)
+        rows.append(torch.quantile(captured["z"].float(), quantiles, dim=0).cpu().numpy())
+
+    def trace() -> SigmoidInputTrace:
+        return SigmoidInputTrace(np.array(steps), np.stack(rows))
+
+    return callback, trace
+
+
+def reproduce_figure1(
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 1000,
+    lr: float = 1.0,
+    init_std: float = 0.1,
+    batch_size: int = 60,
+    hidden: Sequence[int] = (100, 100, 100),
+    measure_every: int = 10,
+    eval_every: int = 10,
+    device: torch.device | str | None = None,
+) -> dict[str, list[Figure1Run]]:
+    """Figure 1 of Ioffe & Szegedy (2015) on digits: the same sigmoid network trained without and with BN.
+
+    The network: fully connected sigmoid layers of widths `hidden`, weights from N(0, init_std^2), plain SGD at `lr`
+    on mini-batches of `batch_size`, for `steps` steps per seed. The plain net has Linear biases; the BN net has BN
+    (bnnotes' own) before every sigmoid, whose beta takes the bias's role.
+    Test accuracy (eval mode) is recorded every `eval_every` steps; every `measure_every` steps the `PERCENTILES` of
+    the inputs to the last hidden layer's sigmoids are measured on the test split (see `SigmoidInputTrace`).
+    Returns {"none": [run per seed], "bn": [run per seed]}.
+
+    >>> runs = reproduce_figure1(seeds=(0,), steps=20, hidden=(8, 8), measure_every=10)
+    >>> runs["bn"][0].trace.percentiles.shape
+    (3, 3, 8)
+    """
+    seeds = _check_seeds(seeds)
+    _check_positive(steps=steps, lr=lr, init_std=init_std, measure_every=measure_every, eval_every=eval_every)
+    data = load_digits(device=device)
+    runs: dict[str, list[Figure1Run]] = {}
+    for norm in _NORMS:
+        runs[norm] = []
+        for seed in seeds:
+            model = mlp(data.n_features, hidden=hidden, norm=norm, init_std=init_std, seed=seed)
+            callback, trace = _percentile_recorder(model, len(hidden) - 1, data, measure_every)
+            config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed)
+            history = train(model, data, config, callback=callback)
+            runs[norm].append(Figure1Run(norm, seed, history, trace()))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sweeps: learning rate and initialization scale
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Steps to a target test accuracy across the values of one hyper-parameter, per normalization and seed.
+
+    parameter: ``"lr"`` or ``"init_std"``. values: (V,). seeds: the seeds, one row each.
+    steps_to_target: {norm: (len(seeds), V)}: the first evaluated step at which test accuracy reached `target`;
+    ``inf`` where it did not within `max_steps`; ``nan`` where the run was skipped because the sweep had already failed
+    `patience` times in a row at smaller values (see `learning_rate_sweep`), which counts as not trained.
+    """
+
+    parameter: str
+    values: np.ndarray
+    seeds: tuple[int, ...]
+    target: float
+    max_steps: int
+    steps_to_target: dict[str, np.ndarray]
+
+    def trains(self, norm: str) -> np.ndarray:
+        """(len(seeds), V) bool: whether the run reached the target within `max_steps` (False where skipped)."""
+        return np.isfinite(self.steps_to_target[norm])
+
+    def largest_trainable(self, norm: str) -> np.ndarray:
+        """(len(seeds),): per seed, the largest value at which the run reached the target (nan if none did)."""
+        trains = self.trains(norm)
+        return np.array([self.values[row].max() if row.any() else np.nan for row in trains])
+
+
+def _steps_to_target(
+    data: Dataset, norm: str, seed: int, *, lr: float, init_std: float, max_steps: int, target: float,
+    eval_every: int, batch_size: int, activation: str = "sigmoid", hidden: Sequence[int] = (100, 100, 100),
+) -> tuple[float, float]:
+    """Train until test accuracy reaches `target` (or for max_steps): (the step it did or inf, the last accuracy)."""
+    model = mlp(data.n_features, hidden=hidden, activation=activation, norm=norm, init_std=init_std, seed=seed)
+    config = TrainConfig(steps=max_steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
+                         stop_at_accuracy=target)
+    history = train(model, data, config)
+    reached = steps_to_accuracy(history, target)
+    return (math.inf if reached is None else float(reached)), history.final_test_acc
+
+
+def _check_sweep(values: Sequence[float], name: str, max_steps: int, target: float, eval_every: int) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or values.size == 0 or not (values > 0).all() or (np.diff(values) <= 0).any():
+        raise ValueError(f"{name} must be a non-empty increasing sequence of positive numbers, got {values.tolist()!r}")
+    _check_target(target)
+    _check_positive(max_steps=max_steps, eval_every=eval_every)
+    return values
+
+
+def learning_rate_sweep(
+    lrs: Sequence[float],
+    seeds: Sequence[int] = (0, 1, 2),
+    max_steps: int = 500,
+    target: float = 0.9,
+    init_std: float = 0.1,
+    norms: Sequence[str] = ("none", "bn"),
+    patience: int = 2,
+    eval_every: int = 10,
+    batch_size: int = 60,
+    device: torch.device | str | None = None,
+) -> Sweep:
+    """How many SGD steps the Figure 1 network needs to reach `target` test accuracy, at each learning rate.
+
+    `lrs` must increase. Each run stops as soon as it reaches the target. A sweep (one norm, one seed) stops after
+    `patience` consecutive learning rates that fail and leaves the larger ones unrun (``nan``, counted as not trained):
+    larger steps do not rescue plain SGD on this network, and skipping them keeps the sweep cheap.
+
+    >>> sweep = learning_rate_sweep([0.5, 1.0], seeds=(0,), max_steps=30, target=0.5)
+    >>> sweep.steps_to_target["bn"].shape
+    (1, 2)
+    """
+    seeds = _check_seeds(seeds)
+    norms = _check_norms(norms)
+    values = _check_sweep(lrs, "lrs", max_steps, target, eval_every)
+    if patience < 1:
+        raise ValueError(f"patience must be at least 1, got {patience}")
+    data = load_digits(device=device)
+    result = {}
+    for norm in norms:
+        table = np.full((len(seeds), values.size), math.nan)
+        for i, seed in enumerate(seeds):
+            failures = 0
+            for j, lr in enumerate(values):
+                table[i, j], _ = _steps_to_target(data, norm, seed, lr=float(lr), init_std=init_std,
+                                                  max_steps=max_steps, target=target, eval_every=eval_every,
+                                                  batch_size=batch_size)
+                failures = failures + 1 if math.isinf(table[i, j]) else 0
+                if failures == patience:
+                    break
+        result[norm] = table
+    return Sweep("lr", values, seeds, target, max_steps, result)
+
+
+def init_scale_sweep(
+    init_stds: Sequence[float],
+    seeds: Sequence[int] = (0, 1, 2),
+    max_steps: int = 500,
+    target: float = 0.9,
+    lr: float = 1.0,
+    norms: Sequence[str] = ("none", "bn"),
+    eval_every: int = 10,
+    batch_size: int = 60,
+    device: torch.device | str | None = None,
+) -> Sweep:
+    """How many SGD steps the Figure 1 network needs to reach `target` test accuracy, per initial weight scale.
+
+    Every Linear layer's weights are drawn from N(0, init_std^2). Each run stops as soon as it reaches the target;
+    every value is run (failures happen at both ends, too small and too large).
+
+    >>> sweep = init_scale_sweep([0.1, 1.0], seeds=(0,), max_steps=30, target=0.5)
+    >>> sorted(sweep.steps_to_target)
+    ['bn', 'none']
+    """
+    seeds = _check_seeds(seeds)
+    norms = _check_norms(norms)
+    values = _check_sweep(init_stds, "init_stds", max_steps, target, eval_every)
+    _check_positive(lr=lr)
+    data = load_digits(device=device)
+    result = {}
+    for norm in norms:
+        result[norm] = np.array([
+            [_steps_to_target(data, norm, seed, lr=lr, init_std=float(std), max_steps=max_steps, target=target,
+                              eval_every=eval_every, batch_size=batch_size)[0] for std in values]
+            for seed in seeds
+        ])
+    return Sweep("init_std", values, seeds, target, max_steps, result)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Regularization: the generalization gap
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GapRun:
+    """Loss and accuracy on the training subset and on the test split (eval mode) during one run.
+
+    steps: (T,); train_loss, train_acc, test_loss, test_acc: (T,) at those steps.
+    """
+
+    norm: str
+    seed: int
+    steps: np.ndarray
+    train_loss: np.ndarray
+    train_acc: np.ndarray
+    test_loss: np.ndarray
+    test_acc: np.ndarray
+
+    @property
+    def acc_gap(self) -> float:
+        """Final training accuracy minus final test accuracy."""
+        return float(self.train_acc[-1] - self.test_acc[-1])
+
+    @property
+    def loss_gap(self) -> float:
+        """Final test loss minus final training loss."""
+        return float(self.test_loss[-1] - self.train_loss[-1])
+
+
+def generalization_gap(
+    n_train: int = 300,
+    seeds: Sequence[int] = (0, 1, 2),
+    steps: int = 800,
+    lr: float = 1.0,
+    init_std: float = 0.1,
+    batch_size: int = 60,
+    eval_every: int = 20,
+    device: torch.device | str | None = None,
+) -> dict[str, list[GapRun]]:
+    """Train the Figure 1 network, plain and with BN, on a random subset of `n_train` training digits.
+
+    With so few examples both nets fit the subset completely; the question is how far test accuracy and loss stay
+    behind. Each seed draws its own subset (the same for both nets), initialization and batch order.
+    Returns {"none": [GapRun per seed], "bn": [GapRun per seed]}.
+
+    >>> gaps = generalization_gap(n_train=120, seeds=(0,), steps=20, eval_every=10)
+    >>> gaps["bn"][0].steps.tolist()
+    [0, 10, 20]
+    """
+    seeds = _check_seeds(seeds)
+    _check_positive(steps=steps, lr=lr, init_std=init_std, eval_every=eval_every)
+    full = load_digits(device=device)
+    if not batch_size <= n_train <= full.x_train.shape[0]:
+        raise ValueError(f"n_train must be in [batch_size={batch_size}, {full.x_train.shape[0]}], got {n_train}")
+    runs: dict[str, list[GapRun]] = {norm: [] for norm in _NORMS}
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        subset = torch.randperm(full.x_train.shape[0], generator=generator)[:n_train].to(full.x_train.device)
+        data = Dataset(full.x_train[subset], full.y_train[subset], full.x_test, full.y_test)
+        for norm in _NORMS:
+            model = mlp(data.n_features, norm=norm, init_std=init_std, seed=seed)
+            on_train: list[tuple[float, float]] = []
+
+            def callback(step: int, net: nn.Module) -> None:
+                if step % eval_every == 0 or step == steps:
+                    on_train.append(evaluate(net, data.x_train, data.y_train))
+
+            config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed)
+            history = train(model, data, config, callback=callback)
+            train_loss, train_acc = np.array(on_train).T
+            runs[norm].append(GapRun(norm, seed, np.array(history.step), train_loss, train_acc,
+                                     np.array(history.test_loss), np.array(history.test_acc)))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Saturating nonlinearities: a deep sigmoid net against a deep ReLU net
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SaturationResult:
+    """Steps to `target` test accuracy for deep nets with each activation, plain and with BN.
+
+    steps_to_target: {(activation, norm): (len(seeds),)}, ``inf`` where the target was not reached in `max_steps`.
+    final_test_acc: {(activation, norm): (len(seeds),)}, the test accuracy when the run stopped.
+    """
+
+    depth: int
+    seeds: tuple[int, ...]
+    target: float
+    max_steps: int
+    steps_to_target: dict[tuple[str, str], np.ndarray]
+    final_test_acc: dict[tuple[str, str], np.ndarray]
+
+    def speedup(self, activation: str) -> np.ndarray:
+        """(len(seeds),): plain steps over BN steps. A plain run that never reached the target counts as max_steps,
+        so the ratio is then a lower bound."""
+        plain = np.minimum(self.steps_to_target[activation, "none"], self.max_steps)
+        return plain / self.steps_to_target[activation, "bn"]
+
+
+def saturating_nonlinearities(
+    activations: Sequence[str] = ("sigmoid", "relu"),
+    depth: int = 6,
+    seeds: Sequence[int] = (0, 1, 2),
+    lr: float = 0.3,
+    init_std: float = 0.1,
+    max_steps: int = 600,
+    target: float = 0.9,
+    eval_every: int = 10,
+    batch_size: int = 60,
+    device: torch.device | str | None = None,
+) -> SaturationResult:
+    """Steps to `target` test accuracy for a ``depth`` x 100 network per activation, without and with BN.
+
+    Same recipe as Figure 1 (N(0, init_std^2) weights, plain SGD); each run stops once it reaches the target.
+
+    >>> result = saturating_nonlinearities(depth=2, seeds=(0,), max_steps=30, target=0.5)
+    >>> result.steps_to_target["relu", "bn"].shape
+    (1,)
+    """
+    seeds = _check_seeds(seeds)
+    _check_target(target)
+    _check_positive(lr=lr, init_std=init_std, max_steps=max_steps, eval_every=eval_every)
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    data = load_digits(device=device)
+    steps, accuracy = {}, {}
+    for activation in activations:
+        for norm in _NORMS:
+            runs = [
+                _steps_to_target(data, norm, seed, lr=lr, init_std=init_std, max_steps=max_steps, target=target,
+                                 eval_every=eval_every, batch_size=batch_size, activation=activation,
+                                 hidden=(100,) * depth)
+                for seed in seeds
+            ]
+            steps[activation, norm] = np.array([reached for reached, _ in runs])
+            accuracy[activation, norm] = np.array([final for _, final in runs])
+    return SaturationResult(depth, seeds, target, max_steps, steps, accuracy)
