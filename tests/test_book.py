@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -168,6 +169,17 @@ def test_colab_button_opens_the_chapter_notebook(built_book: Path, page: str) ->
     assert (ROOT / f"{page}.ipynb").is_file(), f"{page}.ipynb, which the Colab button opens, is not in the repository"
 
 
+def test_ci_runs_the_readme_commands_verbatim() -> None:
+    """The README gives two set-up commands; CI (.ci/run) runs the test one exactly as written."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"```bash\n[ \t]*(python3 -m venv .venv && [^\n]+)\n[ \t]*```", readme)
+    assert len(commands) == 2, f"the README should give exactly two set-up commands, found {commands}"
+    build, test = commands
+    assert "jupyter-book build . -W -n --keep-going" in build and "_build/html/index.html" in readme
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert any(line == test or line.startswith(f"{test} ||") for line in ci_lines), f".ci/run does not run: {test}"
+
+
 def _book_extension():
     sys.path.insert(0, str(ROOT / "book" / "_ext"))
     try:
@@ -309,6 +321,21 @@ class DevTools:
         self.ws.close()
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """End the chromium we started and its helpers (its process group, by the id we got from Popen)."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+            time.sleep(0.2)  # the helpers leave just after the browser process
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.fixture(scope="session")
 def browser() -> Iterator[DevTools]:
     executable = _chromium()
@@ -316,7 +343,8 @@ def browser() -> Iterator[DevTools]:
         if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
             pytest.fail("chromium is not installed; in CI it is required (.ci/run installs Debian's chromium)")
         pytest.skip("chromium is not installed (Debian: apt-get install chromium); the browser tests need it")
-    with tempfile.TemporaryDirectory(prefix="bnnotes-chromium-") as profile:
+    # ignore_cleanup_errors: chromium's helper processes may still be writing the profile while it is removed.
+    with tempfile.TemporaryDirectory(prefix="bnnotes-chromium-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [
                 executable,
@@ -336,6 +364,7 @@ def browser() -> Iterator[DevTools]:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so its helper processes end with it
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -351,12 +380,7 @@ def browser() -> Iterator[DevTools]:
             finally:
                 client.close()
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _stop(process)
 
 
 # Run in the page once it has loaded: wait for MathJax and for every image, then report what a reader would see.
@@ -367,7 +391,10 @@ _INSPECT = r"""
   const hasMath = document.querySelector(".math") !== null;
   if (hasMath) {
     for (let i = 0; i < 200 && !(window.MathJax && MathJax.startup && MathJax.startup.promise); i++) await sleep(50);
-    if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
+    if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+      const timedOut = await Promise.race([MathJax.startup.promise.then(() => false), sleep(30000).then(() => true)]);
+      if (timedOut) return {timedOut: "MathJax did not finish typesetting within 30 s"};
+    }
   }
   const images = [...document.images];
   images.forEach((img) => { img.loading = "eager"; });
@@ -402,7 +429,11 @@ def inspect_page(browser: DevTools, url: str, origin: str) -> tuple[dict, list[s
         browser.call(f"{domain}.enable", session=True)
     browser.call("Page.navigate", session=True, url=url)
     browser.wait_for("Page.loadEventFired", timeout_s=60)
-    seen = browser.call("Runtime.evaluate", session=True, expression=_INSPECT, awaitPromise=True, returnByValue=True)
+    browser.ws.settimeout(90)
+    try:
+        seen = browser.call("Runtime.evaluate", session=True, expression=_INSPECT, awaitPromise=True, returnByValue=True)
+    finally:
+        browser.ws.settimeout(60)
     if "exceptionDetails" in seen:
         raise RuntimeError(f"the inspection script failed on {url}: {seen['exceptionDetails']}")
     time.sleep(0.2)  # let late console messages and network events arrive
@@ -427,7 +458,12 @@ def inspect_page(browser: DevTools, url: str, origin: str) -> tuple[dict, list[s
             problems.append(f"request failed: {params.get('errorText')} ({params.get('type')})")
         elif method == "Network.responseReceived" and params.get("response", {}).get("status", 200) >= 400:
             problems.append(f"HTTP {params['response']['status']}: {params['response'].get('url')}")
-    return seen["result"]["value"], problems
+    value = seen["result"]["value"]
+    if "timedOut" in value:
+        problems.append(value["timedOut"])
+        value = {"hasMath": True, "mathjaxVersion": None, "typeset": 0, "mathErrors": 0, "rawMath": ["(not checked)"],
+                 "images": 0, "brokenImages": [], "figures": 0}
+    return value, problems
 
 
 @pytest.fixture(scope="session")
@@ -451,6 +487,20 @@ def test_page_renders_cleanly_in_chromium(rendered: dict, page: str) -> None:
 def test_intro_math_is_typeset(rendered: dict) -> None:
     seen, _ = rendered[toc_pages()[0]]
     assert seen["hasMath"] and seen["typeset"] >= 10, f"the intro's notation table should be typeset: {seen}"
+
+
+def test_math_accessibility_explorer_works_offline(browser: DevTools, served_book: str, rendered: dict) -> None:
+    """A reader who turns on MathJax's explorer (its menu, Accessibility) makes MathJax load MathML input, the speech
+    rule engine and its JSON maps on demand: they must come from the book too."""
+    intro = f"{served_book}/{toc_pages()[0]}.html"
+    settings = json.dumps({"explorer": True, "assistiveMml": True})
+    browser.call("Runtime.evaluate", session=True, expression=f"localStorage.setItem('MathJax-Menu-Settings', {settings!r})")
+    try:
+        seen, problems = inspect_page(browser, intro, served_book)
+    finally:
+        browser.call("Runtime.evaluate", session=True, expression="localStorage.removeItem('MathJax-Menu-Settings')")
+    assert not problems, "with the explorer on, the browser reported:\n" + "\n".join(problems)
+    assert seen["typeset"] > 0 and not seen["rawMath"], f"with the explorer on, math was not typeset: {seen}"
 
 
 def test_a_chapter_shows_figures_and_math(rendered: dict) -> None:

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 MATHJAX_PATH = "mathjax/tex-chtml.js"  # relative, so Sphinx serves it from the book's _static/
 # What tex-chtml.js loads at run time, relative to its own folder: TeX packages loaded on demand (\boldsymbol, \cancel...),
 # the CommonHTML fonts, and the menu's accessibility tools.
-MATHJAX_FILES = ["tex-chtml.js", "input/tex/extensions", "output/chtml/fonts/woff-v2", "ui", "a11y", "sre"]
+MATHJAX_FILES = ["tex-chtml.js", "input", "output/chtml/fonts/woff-v2", "ui", "a11y", "sre"]
 
 
 def mathjax_source() -> Path:
