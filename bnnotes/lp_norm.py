@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnnotes.torch_bn import _check_layer_args, _init_affine, _step_momentum
+
 __all__ = ["lp_batch_norm", "lp_batch_stats", "LpBatchNorm1d"]
 
 
@@ -109,10 +111,7 @@ class LpBatchNorm1d(nn.Module):
         centered_norm: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        _check_layer_args(num_features, momentum)
         if eps < 0:
             raise ValueError(f"eps must be non-negative, got {eps!r}")
         self.num_features = num_features
@@ -121,12 +120,7 @@ class LpBatchNorm1d(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.centered_norm = centered_norm
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _init_affine(self, num_features, affine)
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_norm", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
@@ -146,8 +140,7 @@ class LpBatchNorm1d(nn.Module):
             raise ValueError(f"training-mode ℓp batch norm needs more than 1 example, got input of shape {tuple(input.shape)}")
         mu, s = lp_batch_stats(input, self.p, self.eps, self.centered_norm)
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            momentum = _step_momentum(self.momentum, self.num_batches_tracked, True)
             self.running_mean.mul_(1.0 - momentum).add_(mu.detach(), alpha=momentum)
             self.running_norm.mul_(1.0 - momentum).add_(s.detach(), alpha=momentum)
         y = (input - mu) / s

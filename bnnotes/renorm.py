@@ -27,11 +27,15 @@ from torch import Tensor, nn
 from bnnotes.torch_bn import (
     _affine_inference,
     _batch_mean_var,
+    _check_channels,
     _check_input,
+    _check_layer_args,
     _compute_dtype,
+    _init_affine,
     _normalize_backward,
     _per_channel_affine,
     _reduction_dims,
+    _step_momentum,
 )
 
 __all__ = [
@@ -177,10 +181,7 @@ class _BatchRenorm(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        _check_layer_args(num_features, momentum)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
         _check_clip_limits(r_max, d_max)
@@ -191,12 +192,7 @@ class _BatchRenorm(nn.Module):
         self.r_max = r_max
         self.d_max = d_max
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _init_affine(self, num_features, affine, device, dtype)
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_std", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
@@ -219,16 +215,8 @@ class _BatchRenorm(nn.Module):
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels, got input with "
-                f"{input.shape[1]} channels (input.shape={tuple(input.shape)})"
-            )
-        momentum = self.momentum
-        if self.training:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+        _check_channels(self, input)
+        momentum = _step_momentum(self.momentum, self.num_batches_tracked, self.training)
         return batch_renorm(
             input,
             self.running_mean,
@@ -236,7 +224,7 @@ class _BatchRenorm(nn.Module):
             self.weight,
             self.bias,
             self.training,
-            0.0 if momentum is None else momentum,
+            momentum,
             self.eps,
             self.r_max,
             self.d_max,

@@ -47,6 +47,7 @@ from bnnotes.torch_bn import (
     _compute_dtype,
     _per_channel,
     _reduction_dims,
+    _step_momentum,
 )
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "sync_world_size"]
@@ -198,12 +199,9 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         self._check_num_features(input)
-        # torch's rule: momentum=None is a cumulative average, weight 1/t at the t-th tracked batch.
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = _step_momentum(
+            self.momentum, self.num_batches_tracked if self.track_running_stats else None, self.training
+        )
         y, batch_mean, batch_var, count = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.eps, self.process_group
         )

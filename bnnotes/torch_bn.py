@@ -79,6 +79,43 @@ def _check_input(input: Tensor, **vectors: Tensor | None) -> None:
             raise ValueError(f"{name} is on {v.device} but input is on {input.device}; expected the same device")
 
 
+def _check_layer_args(num_features: Any, momentum: Any) -> None:
+    """The constructor checks every normalization layer of bnnotes shares."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+
+
+def _init_affine(module: nn.Module, num_features: int, affine: bool, device: Any = None, dtype: Any = None) -> None:
+    """Register ``weight`` (gamma, ones) and ``bias`` (beta, zeros) as in torch's BN, or None when not affine."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+        module.bias = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
+def _check_channels(module: nn.Module, input: Tensor) -> None:
+    """A clear error when input's channel count (dim 1) is not the layer's ``num_features``."""
+    if input.shape[1] != module.num_features:
+        raise ValueError(
+            f"{type(module).__name__}({module.num_features}) expected {module.num_features} channels, got input with "
+            f"{input.shape[1]} channels (input.shape={tuple(input.shape)})"
+        )
+
+
+def _step_momentum(momentum: float | None, num_batches_tracked: Tensor | None, training: bool) -> float:
+    """torch's rule for the running averages' weight: counts the batch while training (when a counter is given), and
+    turns momentum=None into a cumulative average, weight 1/t at the t-th counted batch."""
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            return 1.0 / float(num_batches_tracked)
+    return 0.0 if momentum is None else momentum
+
+
 def _channel_sum(t: Tensor, dims: list[int]) -> Tensor:
     """Per-channel sum of t (N, C, *spatial) over `dims`. Returns (C,).
 
@@ -312,22 +349,14 @@ class _BatchNorm(nn.Module):
         dtype: Any = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        _check_layer_args(num_features, momentum)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _init_affine(self, num_features, affine, device, dtype)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -356,11 +385,7 @@ class _BatchNorm(nn.Module):
         raise NotImplementedError
 
     def _check_num_features(self, input: Tensor) -> None:
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expected {self.num_features} channels, got input with "
-                f"{input.shape[1]} channels (input.shape={tuple(input.shape)})"
-            )
+        _check_channels(self, input)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -384,11 +409,9 @@ class _BatchNorm(nn.Module):
         self._check_input_dim(input)
         self._check_num_features(input)
         # torch's rules, line for line: momentum=None is a cumulative average (weight 1/t at step t) ...
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = _step_momentum(
+            self.momentum, self.num_batches_tracked if self.track_running_stats else None, self.training
+        )
         # ... batch statistics in training, and in eval only when there are no running buffers to use ...
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # ... and the buffers are updated only while training with track_running_stats.

@@ -286,6 +286,7 @@ def test_convert_sync_batchnorm_keeps_state_and_shares_tensors():
     assert new_conv_bn.weight is old_conv_bn.weight and new_conv_bn.bias is old_conv_bn.bias
     assert new_conv_bn.running_mean is old_conv_bn.running_mean
     assert new_conv_bn.num_batches_tracked is old_conv_bn.num_batches_tracked
+    assert new_head_bn.running_var is old_head_bn.running_var
     assert (new_conv_bn.momentum, new_head_bn.eps, new_head_bn.affine) == (0.3, 1e-3, False)
     assert new_conv_bn.training and not new_head_bn.training
     assert new_conv_bn.process_group is sentinel and new_head_bn.process_group is sentinel
