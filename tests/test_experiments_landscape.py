@@ -165,6 +165,9 @@ def test_experiments_run_small(digits):
     assert [r.variant for r in runs] == ["plain", "bn", "noisy_bn", "plain_noise"]
     for r in runs:
         assert r.batch_mean.shape == (5, 16) and r.unit_percentiles.shape == (5, 5)
+        assert r.layer_values.shape == (5, 30 * 16)
+        # The histogram data and the recorded moments describe the same activations.
+        np.testing.assert_allclose(r.layer_values.reshape(5, 30, 16).mean(1), r.batch_mean, rtol=1e-4, atol=1e-5)
         assert np.isfinite(r.instability)
     by = {r.variant: r for r in runs}
     assert by["bn"].instability < 0.5 * by["noisy_bn"].instability  # BN pins the moments; the noise moves them

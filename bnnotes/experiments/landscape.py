@@ -248,7 +248,8 @@ class NoisyBNRun:
     """One training run: its `History`, and the recorded layer input on the probe batch.
 
     record_step: (T,) steps; batch_mean, batch_std: (T, units); unit_percentiles: (T, 5) the 5/15/50/85/95th
-    percentiles of unit `config.unit`'s input; instability: `distribution_instability` of the moments.
+    percentiles of unit `config.unit`'s input; instability: `distribution_instability` of the moments;
+    layer_values: (T, probe_size * units) every input to the layer's nonlinearity on the probe batch, for histograms.
     """
 
     variant: str
@@ -260,6 +261,7 @@ class NoisyBNRun:
     unit_percentiles: np.ndarray
     instability: float
     model: nn.Module = field(repr=False)
+    layer_values: np.ndarray = field(default=None, repr=False)
 
 
 PERCENTILES = (5, 15, 50, 85, 95)
@@ -306,7 +308,7 @@ def noisy_bn_experiment(config: NoisyBNConfig, data: Dataset) -> list[NoisyBNRun
             tap = model[3 * layer + 1]  # the layer's norm (+ noise) module: its output feeds the nonlinearity
             captured: list[Tensor] = []
             handle = tap.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-            steps, means, stds, pcts = [], [], [], []
+            steps, means, stds, pcts, values = [], [], [], [], []
 
             def callback(step: int, net: nn.Module) -> None:
                 if step % config.record_every:
@@ -324,6 +326,7 @@ def noisy_bn_experiment(config: NoisyBNConfig, data: Dataset) -> list[NoisyBNRun
                 means.append(act.mean(0).numpy())
                 stds.append(act.std(0, unbiased=False).numpy())
                 pcts.append(np.percentile(act[:, config.unit].numpy(), PERCENTILES))
+                values.append(act.flatten().float().numpy())
 
             history = train(
                 model,
@@ -339,7 +342,7 @@ def noisy_bn_experiment(config: NoisyBNConfig, data: Dataset) -> list[NoisyBNRun
             runs.append(
                 NoisyBNRun(
                     variant, seed, history, np.array(steps), batch_mean, batch_std, np.array(pcts),
-                    distribution_instability(batch_mean, batch_std), model,
+                    distribution_instability(batch_mean, batch_std), model, np.array(values),
                 )
             )
     return runs
