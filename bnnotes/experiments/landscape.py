@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnnotes.experiments.data import Dataset
-from bnnotes.experiments.models import NORMS, NormFactory, make_norm, mlp
+from bnnotes.experiments.models import NORMS, NormFactory, hidden_linears, make_norm, mlp
 from bnnotes.experiments.training import History, TrainConfig, train
 
 __all__ = [
@@ -558,8 +558,7 @@ def rescale_pre_norm_weights(model: nn.Sequential, factor: float) -> nn.Sequenti
     if factor <= 0:
         raise ValueError(f"factor must be positive (BN is invariant to positive rescaling only), got {factor!r}")
     scaled = copy.deepcopy(model)
-    linears = [m for m in scaled if isinstance(m, nn.Linear)]
-    for layer in linears[:-1]:
+    for layer in hidden_linears(scaled):
         layer.weight.mul_(factor)
     return scaled
 
@@ -574,7 +573,7 @@ def scale_symmetry(model: nn.Sequential, x: Tensor, y: Tensor, factor: float) ->
 
     def measure(net: nn.Sequential, v: list[Tensor] | None):
         net = copy.deepcopy(net).train()
-        block = [m.weight for m in net if isinstance(m, nn.Linear)][:-1]
+        block = [m.weight for m in hidden_linears(net)]
         loss = F.cross_entropy(net(x), y)
         grads = torch.autograd.grad(loss, block, create_graph=True)
         if v is None:

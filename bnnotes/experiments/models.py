@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["make_norm", "mlp", "NORMS", "ACTIVATIONS"]
+__all__ = ["make_norm", "mlp", "hidden_linears", "NORMS", "ACTIVATIONS"]
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -94,6 +94,17 @@ def mlp(
         if isinstance(layer, nn.Linear):
             _init_linear(layer, init_std, generator)
     return nn.Sequential(*layers)
+
+
+def hidden_linears(model: nn.Module) -> list[nn.Linear]:
+    """The hidden ``nn.Linear`` layers of an `mlp`, in forward order: every Linear but the last (the classifier).
+
+    These are the layers that feed a normalization when the model has one.
+
+    >>> len(hidden_linears(mlp(64, hidden=(100, 100))))
+    2
+    """
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
 
 
 def _init_linear(layer: nn.Linear, init_std: float | None, generator: torch.Generator) -> None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from bnnotes import torch_bn
 from bnnotes.experiments.data import Dataset, load_digits
 from bnnotes.experiments.inference import population_statistics, using_statistics
-from bnnotes.experiments.models import mlp
+from bnnotes.experiments.models import hidden_linears, mlp
 from bnnotes.experiments.training import TrainConfig, evaluate, train
 from bnnotes.renorm import BatchRenorm1d, renorm_schedule
 from bnnotes.torch_bn import BatchNorm1d, batch_norm
@@ -76,11 +76,6 @@ def _chain(*callbacks: Callback | None) -> Callback:
             c(step, model)
 
     return callback
-
-
-def _hidden_linears(model: nn.Module) -> list[nn.Linear]:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[:-1]  # the last Linear is the classifier, not followed by a normalizer
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -178,7 +173,7 @@ def global_statistics_experiment(config: GlobalStatsConfig = GlobalStatsConfig()
             def measure(step: int, model: nn.Module) -> None:
                 if step % tc.eval_every and step != tc.steps:
                     return
-                linears = _hidden_linears(model)
+                linears = hidden_linears(model)
                 weight_norms.append(torch.cat([m.weight.detach().flatten() for m in linears]).norm().item())
                 biases = [m.bias.detach() for m in linears if m.bias is not None]
                 bias_norms.append(torch.cat(biases).norm().item() if biases else 0.0)
@@ -276,7 +271,7 @@ def small_batch_sweep(config: SmallBatchConfig = SmallBatchConfig(), data: Datas
             for i, seed in enumerate(config.seeds):
                 model = mlp(data.n_features, hidden=config.hidden, out_features=data.n_classes,
                             activation=config.activation, norm=norm, seed=seed)
-                first = _hidden_linears(model)[0]
+                first = hidden_linears(model)[0]
                 norms: list[float] = []
 
                 def record_gradient(step: int, model: nn.Module, first: nn.Linear = first,
@@ -328,7 +323,7 @@ def diagnose_bn(model: nn.Module, data: Dataset) -> BNDiagnosis:
         acc_population=acc_population,
         train_acc_population=train_acc_population,
         pre_bn_var=[var.cpu().numpy() for _, var in population],
-        first_weight_norm=_hidden_linears(model)[0].weight.norm().item(),
+        first_weight_norm=hidden_linears(model)[0].weight.norm().item(),
     )
 
 
