@@ -2,31 +2,33 @@
 
 In data-parallel training every rank (process, usually one per device) holds a slice of the global batch. Plain BN
 normalizes each slice with its own statistics; `SyncBatchNorm` normalizes every slice with the statistics of the whole
-global batch, as a single process holding all of it would. It works with any backend that has ``all_reduce``: gloo
-on the CPU, nccl on CUDA devices, and inside ``DistributedDataParallel``.
+global batch, as a single process holding all of it would. It is a ``torch.nn.SyncBatchNorm`` (constructor,
+parameters, buffers, ``state_dict``, ``repr`` and ``isinstance`` are torch's) whose computation is bnnotes' own, in
+plain tensor ops, so it runs with any backend: gloo on the CPU, nccl on CUDA devices. (torch's kernels are GPU-only.)
 
-Communication, per layer and training step, three blocking all-reduces (sums, in float64):
+Communication, per layer and training step: one round in the forward pass and one in the backward pass.
 
-====================  ===========================================  =========
-pass                  what is summed over the ranks                floats
-====================  ===========================================  =========
-forward, pass 1       value count, sum of x (per channel)          C + 1
-forward, pass 2       sum of (x - global mean)^2 (per channel)     C
-backward              sum of dy, sum of dy * x_hat (per channel)   2 C
-====================  ===========================================  =========
+====================  ===============================================================  ==================
+pass                  collective                                                       floats per rank
+====================  ===============================================================  ==================
+forward               all-gather of this rank's (count, mean, biased variance)         2C + 1
+backward              all-reduce (sum) of sum(dy), sum(dy * x_hat), per channel         2C
+====================  ===============================================================  ==================
 
-Why two passes in the forward. The variance is computed from values centred at the *global* mean, exactly as
-`bnnotes.numpy_bn` and single-process BN compute it, so the result equals single-process BN on the concatenated batch
-up to rounding for any data, never ``E[x^2] - E[x]^2``, which cancels catastrophically when the mean is large compared
-with the spread. The one-round alternatives either have that cancellation (all-reducing count, sum and sum of squares)
-or send ``world_size * (2C + 1)`` floats (all-gathering each rank's count, mean and variance and combining them with
-Chan et al.'s formula, which is what ``torch.nn.SyncBatchNorm`` does). The price of the second pass is one more
-message latency per layer; `bnnotes.experiments.distributed.measure_communication` measures it.
+The forward merges the K gathered triples with `combine_statistics` (Chan, Golub & LeVeque's parallel formula): the
+result is the mean and variance of the concatenated batch, computed from centred quantities only, so it is as
+accurate as single-process BN for any data. One all-reduce of (count, sum of x, sum of x^2) would be one round too,
+but ``E[x^2] - E[x]^2`` cancels catastrophically when the mean is large compared with the spread. This is also
+PyTorch's algorithm: ``torch.nn.SyncBatchNorm`` all-gathers each rank's (mean, invstd, count) and merges them with
+``torch.batch_norm_gather_stats_with_counts`` (a loop of Chan's pairwise update over the ranks); it sends invstd where
+we send the variance, from which invstd is recovered exactly.
 
-Why float64 on the wire. The count must be exact (float32 counts stop being integers above 2^24 values per channel),
-and the per-channel sums are a few thousand numbers: their cost is latency, not bandwidth.
+Statistics and gradient sums travel in float64: the count must be exact (float32 counts stop being integers above
+2^24 values per channel), and the messages are a few thousand numbers, whose cost is latency, not bandwidth.
 
-Everything else (no process group, a world of one, eval mode) is exactly `bnnotes.torch_bn`'s BatchNorm.
+Everything else (no process group, a world of one, eval mode) is `bnnotes.torch_bn.batch_norm`, with torch's rules
+for the running statistics. On the CPU, torch's ``DistributedDataParallel`` refuses every ``nn.SyncBatchNorm`` layer
+(torch's own could not run there); `DistributedDataParallel` here is torch's with that check limited to torch's layers.
 """
 
 from __future__ import annotations
@@ -38,22 +40,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bnnotes.torch_bn import (
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    _BatchNorm,
-    _check_input,
-    _compute_dtype,
-    _per_channel,
-    _reduction_dims,
-    _step_momentum,
-)
+from bnnotes.torch_bn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
 
-__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "convert_sync_batchnorm", "sync_world_size"]
+__all__ = [
+    "combine_statistics",
+    "SyncBatchNorm",
+    "SyncBatchNormFunction",
+    "convert_sync_batchnorm",
+    "DistributedDataParallel",
+    "sync_world_size",
+]
 
 # Statistics and gradient sums travel in float64 (see the module docstring).
 _WIRE_DTYPE = torch.float64
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def sync_world_size(process_group: Any = None) -> int:
@@ -69,6 +69,44 @@ def sync_world_size(process_group: Any = None) -> int:
     return dist.get_world_size(process_group)
 
 
+def combine_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean and biased variance of the union of K groups, from each group's count, mean and biased variance.
+
+    counts: (K,) values per channel in each group (may be 0). means, variances: (K, C), the groups' per-channel means
+    and biased variances; rows of empty groups are ignored, whatever they hold. Returns (mean, var, count): the
+    union's (C,) mean and biased variance and its total count (a 0-d tensor); mean and var are NaN if count is 0.
+
+    With n = sum_k n_k, the sum of squared deviations from the overall mean splits into a within-group and a
+    between-group part (Chan, Golub & LeVeque, 1983; for K = 2 the between part is n_1 n_2 (mean_2 - mean_1)^2 / n):
+
+        mean = sum_k n_k mean_k / n,        n var = sum_k n_k var_k + sum_k n_k (mean_k - mean)^2.
+
+    Every term is a non-negative number on the scale of the data's spread: nothing cancels, unlike
+    sum(x^2) / n - mean^2.
+
+    >>> counts, means, variances = torch.tensor([2.0, 2.0]), torch.tensor([[0.0], [2.0]]), torch.tensor([[1.0], [1.0]])
+    >>> [t.tolist() for t in combine_statistics(counts, means, variances)]  # {-1, 1} and {1, 3}
+    [[1.0], [2.0], 4.0]
+    """
+    if counts.dim() != 1 or means.dim() != 2 or means.shape != variances.shape or means.shape[0] != counts.shape[0]:
+        raise ValueError(
+            f"expected counts (K,), means (K, C) and variances (K, C), got shapes {tuple(counts.shape)}, "
+            f"{tuple(means.shape)} and {tuple(variances.shape)}"
+        )
+    present = (counts > 0).unsqueeze(1)  # (K, 1): an empty group's row holds no statistics (maybe NaN)
+    weights = counts.unsqueeze(1).to(means.dtype)  # (K, 1)
+    count = counts.sum()
+    mean = torch.where(present, weights * means, 0).sum(0) / count  # (C,)
+    within = torch.where(present, weights * variances, 0).sum(0)
+    between = torch.where(present, weights * (means - mean).square(), 0).sum(0)
+    return mean, (within + between) / count, count
+
+
+def _per_channel(v: Tensor, ndim: int) -> Tensor:
+    """View a (C,) vector so that it broadcasts against (N, C, *spatial)."""
+    return v.view((1, -1) + (1,) * (ndim - 2))
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BN over the union of all ranks' batches, with a closed-form backward.
 
@@ -78,6 +116,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     per-channel mean and *biased* variance (float64, no gradient), identical on every rank; count is the global number
     of values per channel, a float64 scalar tensor.
 
+    Forward: one all-gather of every rank's (count, mean, variance), merged by `combine_statistics`.
     Backward: with m the global count and the sums taken over every rank's values,
     dx = (weight / sigma) * (dy - sum(dy) / m - x_hat * sum(dy * x_hat) / m); only the two per-channel sums are
     all-reduced. dweight = sum(dy * x_hat) and dbias = sum(dy) are this rank's local sums: the data-parallel wrapper
@@ -86,35 +125,36 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, process_group: Any):
-        ndim = x.dim()
-        dims = _reduction_dims(ndim)
-        compute = _compute_dtype(x)
+        ndim, channels = x.dim(), x.shape[1]
+        dims = [0] + list(range(2, ndim))
+        compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
         xc = x.to(compute)
-        local_count = xc.numel() // xc.shape[1]
+        local_count = x.numel() // channels
 
-        # Pass 1: the global count and per-channel sums give the global mean.
-        count_and_sum = torch.cat(
-            [torch.tensor([float(local_count)], dtype=_WIRE_DTYPE, device=x.device), xc.sum(dims, dtype=_WIRE_DTYPE)]
+        # This rank's statistics by two passes (the mean, then squared deviations from it), sent in float64.
+        local_mean = xc.sum(dims, dtype=_WIRE_DTYPE) / max(local_count, 1)
+        local_var = (xc - _per_channel(local_mean.to(compute), ndim)).square().sum(dims, dtype=_WIRE_DTYPE)
+        local_var = local_var / max(local_count, 1)
+        count_tensor = torch.tensor([float(local_count)], dtype=_WIRE_DTYPE, device=x.device)
+
+        # The one round: every rank receives every rank's (count, mean, variance) ...
+        packed = torch.cat([count_tensor, local_mean, local_var])  # (2C + 1,)
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(process_group))]
+        dist.all_gather(gathered, packed, group=process_group)
+        table = torch.stack(gathered)  # (K, 2C + 1)
+        # ... and merges them identically, so every rank holds the same global statistics.
+        batch_mean, batch_var, count = combine_statistics(
+            table[:, 0], table[:, 1 : channels + 1], table[:, channels + 1 :]
         )
-        dist.all_reduce(count_and_sum, group=process_group)
-        count = count_and_sum[0].clone()
-        # Only a rank that holds at most one value per channel can be part of a global batch of one; in that case every
-        # rank does, so all of them raise here and none is left waiting in a collective.
-        if local_count <= 1 and count.item() <= 1:
+        # Every rank sees the same global count, so all of them raise here and none is left waiting in a collective.
+        if count.item() <= 1:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got {int(count.item())} over all ranks "
                 f"(this rank's input size {tuple(x.shape)})"
             )
-        batch_mean = count_and_sum[1:] / count
-
-        # Pass 2: squares centred at the global mean give the global biased variance, as in single-process BN.
-        x_centered = xc - _per_channel(batch_mean.to(compute), ndim)
-        sum_sq = x_centered.square().sum(dims, dtype=_WIRE_DTYPE)
-        dist.all_reduce(sum_sq, group=process_group)
-        batch_var = sum_sq / count
 
         inv_std = torch.rsqrt(batch_var + eps).to(compute)
-        x_hat = x_centered * _per_channel(inv_std, ndim)
+        x_hat = (xc - _per_channel(batch_mean.to(compute), ndim)) * _per_channel(inv_std, ndim)
         y = x_hat
         if weight is not None:
             y = y * _per_channel(weight.to(compute), ndim)
@@ -132,7 +172,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dvar: Tensor, _dcount: Tensor):
         x_hat, inv_std, weight, count = ctx.saved_tensors
         ndim = x_hat.dim()
-        dims = _reduction_dims(ndim)
+        dims = [0] + list(range(2, ndim))
         channels = x_hat.shape[1]
         dy = dy.to(x_hat.dtype)
         local_sums = torch.cat([dy.sum(dims, dtype=_WIRE_DTYPE), (dy * x_hat).sum(dims, dtype=_WIRE_DTYPE)])
@@ -151,66 +191,104 @@ class SyncBatchNormFunction(torch.autograd.Function):
             )
             dx = dx.to(ctx.input_dtype)
         dweight = dgamma_local.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = dbeta_local.to(x_hat.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dbias = dbeta_local.to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None
 
 
-class SyncBatchNorm(_BatchNorm):
-    """Batch normalization whose training statistics are those of all ranks' batches together.
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` with bnnotes' computation, on any device and backend (gloo on the CPU, nccl).
 
-    Input (N, C) or (N, C, *spatial), like ``torch.nn.SyncBatchNorm``; constructor arguments, parameters, buffers and
-    ``state_dict`` keys are torch's. Under an initialized process group of more than one rank, in training mode, every
-    rank normalizes with the global mean and biased variance of the union of the ranks' batches (which may differ in
-    size), and updates its running statistics with the global mean and the unbiased variance over the total count, so
-    they stay identical on every rank. In every other case (no process group, a world of one, eval mode) it is exactly
-    bnnotes' BatchNorm. process_group: the group to synchronize over, None for the whole world.
-    The gradients of weight and bias are this rank's share: use the layer inside DistributedDataParallel (or all-reduce
-    the parameter gradients yourself), as with any data-parallel model.
+    Input (N, C) or (N, C, *spatial). Constructor, parameters, buffers, ``state_dict``, ``repr`` and loading are
+    torch's (the class *is* a ``torch.nn.SyncBatchNorm``). Under an initialized process group of more than one rank,
+    in training mode, every rank normalizes with the global mean and biased variance of the union of the ranks'
+    batches (which may differ in size, and may be empty), computed in one round (`SyncBatchNormFunction`), and
+    updates its running statistics with the global mean and the unbiased variance over the total count, so they stay
+    identical on every rank. In every other case (no process group, a world of one, eval mode) it is
+    `bnnotes.torch_bn.batch_norm` with torch's rules. process_group: the group to synchronize over, None for the world.
+    The gradients of weight and bias are this rank's share: use the layer inside a data-parallel wrapper (on the CPU,
+    `DistributedDataParallel` from this module), or all-reduce the parameter gradients yourself.
 
     >>> bn = SyncBatchNorm(3)
     >>> bn(torch.randn(8, 3)).shape  # no process group here: plain BatchNorm
     torch.Size([8, 3])
+    >>> isinstance(bn, nn.SyncBatchNorm)
+    True
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: Any = None,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.process_group = process_group
-
-    def _check_input_dim(self, input: Tensor) -> None:
+    def _check_input(self, input: Tensor) -> None:
+        """Clear errors for what torch's layer would refuse: a non-tensor, integers, < 2 dims, channels, dtypes."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
         if input.dim() < 2:
             raise ValueError(
                 f"SyncBatchNorm expected input of shape (N, C) or (N, C, *spatial), got {input.dim()}-D input "
                 f"of shape {tuple(input.shape)}"
             )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"SyncBatchNorm({self.num_features}) expected {self.num_features} channels, got input with "
+                f"{input.shape[1]} channels (input.shape={tuple(input.shape)})"
+            )
+        # As torch: parameters in the input's dtype, or float32 parameters for float16/bfloat16 input.
+        for name, t in (("weight", self.weight), ("running_mean", self.running_mean)):
+            mixed_precision = input.dtype in _LOW_PRECISION and t is not None and t.dtype == torch.float32
+            if t is not None and t.dtype != input.dtype and not mixed_precision:
+                raise TypeError(
+                    f"input is {input.dtype} but the layer's {name} is {t.dtype}; expected the same dtype (or float32 "
+                    f"parameters for float16/bfloat16 input): convert the layer with .to({input.dtype})"
+                )
 
     def forward(self, input: Tensor) -> Tensor:
-        _check_input(input)
-        if not self.training or sync_world_size(self.process_group) < 2:
-            return super().forward(input)
-        self._check_input_dim(input)
-        self._check_num_features(input)
-        momentum = _step_momentum(
-            self.momentum, self.num_batches_tracked if self.track_running_stats else None, self.training
-        )
+        self._check_input(input)
+        # torch's rules (nn.SyncBatchNorm.forward), line for line: the newest batch's weight in the running averages,
+        # momentum=None being the cumulative average 1/t at the t-th counted batch ...
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        # ... batch statistics in training, and in eval only when there are no running buffers ...
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # ... buffers updated only while training with track_running_stats ...
+        update = not self.training or self.track_running_stats
+        running_mean = self.running_mean if update else None
+        running_var = self.running_var if update else None
+        # ... and synchronization only while training, over more than one rank.
+        if not (self.training and sync_world_size(self.process_group) > 1):
+            return batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps
+            )
         y, batch_mean, batch_var, count = SyncBatchNormFunction.apply(
             input, self.weight, self.bias, self.eps, self.process_group
         )
-        if self.track_running_stats:
+        if running_mean is not None:
             with torch.no_grad():
                 unbiased_var = batch_var * (count / (count - 1))
-                self.running_mean.mul_(1.0 - momentum).add_(batch_mean.to(self.running_mean.dtype), alpha=momentum)
-                self.running_var.mul_(1.0 - momentum).add_(unbiased_var.to(self.running_var.dtype), alpha=momentum)
+                running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
         return y
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """bnnotes' converter, `convert_sync_batchnorm` (torch's, inherited, would build torch's layers)."""
+        return convert_sync_batchnorm(module, process_group)
+
+
+class DistributedDataParallel(nn.parallel.DistributedDataParallel):
+    """torch's ``DistributedDataParallel``, which also accepts bnnotes' `SyncBatchNorm` in a CPU module.
+
+    torch's wrapper raises "SyncBatchNorm layers only work with GPU modules" for any ``nn.SyncBatchNorm`` in a CPU
+    module, because torch's own layer has GPU kernels only. bnnotes' layer runs on the CPU, so this wrapper keeps the
+    check for torch's layers alone; everything else is torch's. Arguments: those of torch's class.
+    """
+
+    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
+        modules = module.modules()
+        torch_layers = [m for m in modules if isinstance(m, nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm)]
+        if self.device_type != "cpu" or torch_layers:
+            super()._passing_sync_batchnorm_handle(module)
 
 
 # The layers `convert_sync_batchnorm` replaces: exactly these types, so that layers which only look like BN (Batch
@@ -226,18 +304,43 @@ _CONVERTIBLE = (
     SyncBatchNorm,
 )
 
+# nn.Module's hook registries. The converted layer takes over the old layer's dictionaries themselves, so a hook's
+# RemovableHandle, obtained before the conversion, removes it from the new layer too.
+_HOOK_REGISTRIES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
     """Replace every BatchNorm layer in `module` by a `SyncBatchNorm`, like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
 
-    Converts torch.nn's ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` and bnnotes' ``BatchNorm{1,2,3}d``. The new layer
-    takes over the old one's parameter and buffer *tensors* (so an optimizer built before the conversion still
-    updates them), its hyper-parameters and its train/eval mode. process_group: see `SyncBatchNorm`.
-    Returns the converted module: `module` itself, changed in place, unless `module` is a BN layer.
+    Converts torch.nn's ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` and bnnotes' ``BatchNorm{1,2,3}d`` (exactly these
+    types). What the new layer keeps of the old one:
+    - its parameter and buffer *tensors* themselves (so an optimizer built before the conversion still updates them),
+      with their device, dtype and requires_grad;
+    - its hyper-parameters (num_features, eps, momentum, affine, bias or not, track_running_stats), its train/eval
+      mode and its ``qconfig`` if it has one (as torch's converter);
+    - its hooks: forward, forward-pre, backward (module and full), state-dict and load-state-dict hooks, by taking
+      over the registries themselves, so handles obtained before the conversion still remove them.
+    Not kept: any other attribute set on the old layer instance, and the old layer's identity (a reference to it
+    elsewhere still points at the old, unconverted layer).
+    process_group: see `SyncBatchNorm`. Returns the converted module: `module` itself, changed in place, unless
+    `module` is a BN layer, in which case the new layer.
 
     >>> net = convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
-    >>> type(net[1]).__name__
-    'SyncBatchNorm'
+    >>> type(net[1]).__module__, type(net[1]).__name__
+    ('bnnotes.sync', 'SyncBatchNorm')
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -250,6 +353,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
             affine=module.affine,
             track_running_stats=module.track_running_stats,
             process_group=process_group,
+            device="meta",  # every tensor is replaced by the old layer's below
+            bias=module.bias is not None if module.affine else True,
         )
         if module.affine:
             converted.weight = module.weight
@@ -257,7 +362,12 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
         converted.running_mean = module.running_mean
         converted.running_var = module.running_var
         converted.num_batches_tracked = module.num_batches_tracked
-        converted.training = module.training
+        converted.train(module.training)
+        if hasattr(module, "qconfig"):
+            converted.qconfig = module.qconfig
+        for registry in _HOOK_REGISTRIES:
+            if registry in module.__dict__:
+                converted.__dict__[registry] = module.__dict__[registry]
     for name, child in module.named_children():
         converted.add_module(name, convert_sync_batchnorm(child, process_group))
     return converted

@@ -76,14 +76,23 @@ def test_launch_rejects_a_function_of_main():
 
 
 @pytest.mark.timeout(120)
-def test_measure_communication_counts_two_forward_and_one_backward_all_reduce_per_layer():
-    cost = measure_communication(CommunicationConfig(hidden=(6, 10), per_rank_batch=4, repeats=3, step_repeats=2))
-    assert cost.forward_sizes == [[7, 6], [11, 10]]
-    assert cost.backward_sizes == [[12], [20]]
-    assert set(cost.all_reduce_us) == {6, 7, 10, 11, 12, 20, 13, 21}  # 2C + 1: a one-round forward, for comparison
-    assert all(t > 0 for t in cost.all_reduce_us.values())
+def test_measure_communication_records_one_forward_and_one_backward_collective_per_layer():
+    cost = measure_communication(CommunicationConfig(hidden=(6, 10, 6), per_rank_batch=4, repeats=3, step_repeats=2))
+    assert cost.forward_messages == [[("all_gather", 13)], [("all_gather", 21)], [("all_gather", 13)]]
+    assert cost.backward_messages == [[("all_reduce", 12)], [("all_reduce", 20)], [("all_reduce", 12)]]
+    assert set(cost.round_us) == {6, 10} and all(set(t) == {"one_round", "two_rounds"} for t in cost.round_us.values())
+    assert all(t > 0 for times in cost.round_us.values() for t in times.values())
+    assert cost.round_ratio(6) == cost.round_us[6]["two_rounds"] / cost.round_us[6]["one_round"]
     assert set(cost.step_ms) == {"per_rank", "sync"}
-    assert len(cost.table().splitlines()) == 3
+    assert len(cost.table().splitlines()) == 4
+    assert "GPU" in cost.torch_cpu_error
+    with pytest.raises(TypeError, match="CommunicationConfig"):
+        measure_communication({"hidden": (6,)})
+
+
+def test_round_once_rejects_an_unknown_variant():
+    with pytest.raises(ValueError, match="one_round"):
+        distributed.round_once("three_rounds", {})
 
 
 @pytest.mark.timeout(150)
@@ -114,8 +123,8 @@ def test_ghost_batch_sweep_small():
         ghost_batch_sweep(DataParallelConfig())
 
 
-def test_recorded_all_reduces_restores_the_original():
-    original = dist.all_reduce
-    with distributed.recorded_all_reduces() as calls:
-        assert dist.all_reduce is not original
-    assert dist.all_reduce is original and calls == []
+def test_recorded_collectives_restores_the_originals():
+    originals = (dist.all_reduce, dist.all_gather)
+    with distributed.recorded_collectives() as calls:
+        assert dist.all_reduce is not originals[0] and dist.all_gather is not originals[1]
+    assert (dist.all_reduce, dist.all_gather) == originals and calls == []

@@ -5,7 +5,8 @@
   is terminated, and every process is joined.
 - `SplitBatch` makes the course's one training loop (`bnnotes.experiments.train`) data-parallel: every rank computes
   its slice of each batch, and the outputs are gathered back so that every rank computes the loss of the whole batch.
-- `measure_communication` counts and times what `SyncBatchNorm` sends; `compare_data_parallel_bn` trains with
+- `measure_communication` counts and times what `SyncBatchNorm` sends, and times its one round against two;
+  `compare_data_parallel_bn` trains with
   per-rank BN, SyncBN, one process on the whole batch, and Ghost BN; `ghost_batch_sweep` varies Ghost BN's virtual
   batch size on one device.
 
@@ -35,20 +36,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from bnnotes.experiments.data import Dataset, load_digits
 from bnnotes.experiments.models import mlp
 from bnnotes.experiments.training import History, TrainConfig, evaluate, train
 from bnnotes.ghost import GhostBatchNorm1d
-from bnnotes.sync import convert_sync_batchnorm
+from bnnotes.sync import DistributedDataParallel, convert_sync_batchnorm
 
 __all__ = [
     "launch",
-    "recorded_all_reduces",
+    "recorded_collectives",
     "SplitBatch",
     "CommunicationConfig",
     "CommunicationCost",
+    "ROUNDS",
+    "round_once",
     "measure_communication",
     "DataParallelConfig",
     "DataParallelResult",
@@ -197,24 +199,31 @@ def launch(
 
 
 @contextmanager
-def recorded_all_reduces() -> Iterator[list[int]]:
-    """Record the element count of every ``torch.distributed.all_reduce`` called inside the block.
+def recorded_collectives() -> Iterator[list[tuple[str, int]]]:
+    """Record every ``torch.distributed.all_reduce`` and ``all_gather`` called inside the block.
 
-    Yields the list the counts are appended to. `SyncBatchNorm` calls ``torch.distributed.all_reduce`` by that name,
-    so its messages are all recorded; DistributedDataParallel's gradient all-reduces run in C++ and are not.
+    Yields the list that ``(name, elements this rank sends)`` pairs are appended to, in call order. `SyncBatchNorm`
+    calls both by those names, so its messages are all recorded; DistributedDataParallel's gradient all-reduces run
+    in C++ and are not.
     """
-    calls: list[int] = []
-    original = dist.all_reduce
+    calls: list[tuple[str, int]] = []
+    originals = {"all_reduce": dist.all_reduce, "all_gather": dist.all_gather}
 
-    def recording(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
-        calls.append(tensor.numel())
-        return original(tensor, *args, **kwargs)
+    def recording(name: str) -> Callable[..., Any]:
+        def collective(*args: Any, **kwargs: Any) -> Any:
+            sent = args[0] if name == "all_reduce" else args[1]  # all_gather(tensor_list, tensor, ...)
+            calls.append((name, sent.numel()))
+            return originals[name](*args, **kwargs)
 
-    dist.all_reduce = recording
+        return collective
+
+    for name in originals:
+        setattr(dist, name, recording(name))
     try:
         yield calls
     finally:
-        dist.all_reduce = original
+        for name, original in originals.items():
+            setattr(dist, name, original)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -276,76 +285,115 @@ class SplitBatch(nn.Module):
 class CommunicationConfig:
     """`measure_communication`'s setting: an `mlp` with BN after each hidden layer, on random inputs.
 
-    hidden: the hidden widths (the BN layers' channel counts). per_rank_batch: rows per rank.
-    repeats: timed all-reduces per message size (interleaved over sizes); step_repeats: timed training steps per
-    variant (interleaved). timeout: seconds for the whole run.
+    hidden: the hidden widths (the BN layers' channel counts C). per_rank_batch: rows per rank.
+    repeats: timed rounds per variant and channel count (interleaved); step_repeats: timed training steps per variant
+    (interleaved). timeout: seconds for the whole run.
     """
 
     world_size: int = 2
-    hidden: tuple[int, ...] = (100, 100, 100)
+    hidden: tuple[int, ...] = (64, 256, 1024)
     per_rank_batch: int = 32
     repeats: int = 100
     step_repeats: int = 40
     timeout: float = 120.0
 
 
+# The forward-pass communication of the two algorithms, by name (see `round_once`).
+ROUNDS = ("one_round", "two_rounds")
+
+
 @dataclass
 class CommunicationCost:
     """What `measure_communication` found (rank 0's measurements).
 
-    forward_sizes[i] / backward_sizes[i]: the element counts of the all-reduces that BN layer i made in one forward /
-    backward pass. all_reduce_us: median microseconds of one float64 all-reduce, by element count.
-    step_ms: median milliseconds of one DDP training step (forward, backward, gradient all-reduce) with
-    ``"per_rank"`` BN and with ``"sync"`` BN. torch_cpu_error: what ``torch.nn.SyncBatchNorm`` says to a CPU tensor
-    under an initialized gloo group (None if it ran).
+    forward_messages[i] / backward_messages[i]: the collectives, as ``(name, floats this rank sends)``, that BN layer i
+    made in one forward / backward pass. round_us[C][variant]: median microseconds of the forward pass's
+    communication for C channels, ``"one_round"`` (bnnotes' and torch's: one all-gather of 2C + 1 floats) or
+    ``"two_rounds"`` (the first edition's: an all-reduce of C + 1 floats, then one of C). step_ms: median
+    milliseconds of one DDP training step (forward, backward, gradient all-reduce) with ``"per_rank"`` BN and with
+    ``"sync"`` BN. torch_cpu_error: what ``torch.nn.SyncBatchNorm`` says to a CPU tensor under an initialized gloo
+    group (None if it ran).
     """
 
     world_size: int
     channels: list[int]
-    forward_sizes: list[list[int]]
-    backward_sizes: list[list[int]]
-    all_reduce_us: dict[int, float]
+    forward_messages: list[list[tuple[str, int]]]
+    backward_messages: list[list[tuple[str, int]]]
+    round_us: dict[int, dict[str, float]]
     step_ms: dict[str, float]
     torch_cpu_error: str | None = None
 
+    def round_ratio(self, channels: int) -> float:
+        """How many times longer two rounds take than one, for `channels` channels (median over median)."""
+        return self.round_us[channels]["two_rounds"] / self.round_us[channels]["one_round"]
+
     def table(self) -> str:
-        """One line per BN layer: its all-reduces per step, their sizes and their median gloo times."""
-        lines = [f"{'layer':>5} {'C':>5}  {'forward all-reduces':<26} {'backward all-reduces':<22} {'comm. time':>10}"]
-        for i, (c, fwd, bwd) in enumerate(zip(self.channels, self.forward_sizes, self.backward_sizes)):
-            time_us = sum(self.all_reduce_us[n] for n in fwd + bwd)
-            forward = f"{len(fwd)} of {'+'.join(map(str, fwd))}"
-            backward = f"{len(bwd)} of {'+'.join(map(str, bwd))}"
-            lines.append(f"{i:>5} {c:>5}  {forward:<26} {backward:<22} {time_us / 1000:>7.2f} ms")
+        """One line per BN layer: its collectives per step, and the forward's median time with one and two rounds."""
+        lines = [f"{'layer':>5} {'C':>5}  {'forward':<18} {'backward':<18} {'one round':>10} {'two rounds':>11}"]
+        for i, (c, fwd, bwd) in enumerate(zip(self.channels, self.forward_messages, self.backward_messages)):
+            forward = ", ".join(f"{name} {n}" for name, n in fwd)
+            backward = ", ".join(f"{name} {n}" for name, n in bwd)
+            one, two = self.round_us[c]["one_round"], self.round_us[c]["two_rounds"]
+            lines.append(f"{i:>5} {c:>5}  {forward:<18} {backward:<18} {one:>7.0f} us {two:>8.0f} us")
         return "\n".join(lines)
+
+
+def round_once(variant: str, buffers: dict[str, list[Tensor]], group: Any = None) -> None:
+    """The forward-pass communication of synchronized BN, as `variant` does it, for the channel count of `buffers`.
+
+    ``"one_round"``: every rank all-gathers every rank's (count, mean, variance), 2C + 1 floats each, and merges them
+    locally (`bnnotes.sync.combine_statistics`). ``"two_rounds"``: an all-reduce of (count, sum of x), C + 1 floats,
+    gives the global mean; a second all-reduce of the sum of squared deviations from it, C floats, the variance.
+    buffers: float64 tensors to send, made by the caller (``"one_round"``: one of 2C + 1 and world_size receive
+    buffers; ``"two_rounds"``: one of C + 1 and one of C).
+    """
+    if variant == "one_round":
+        send, *receive = buffers["one_round"]
+        dist.all_gather(receive, send, group=group)
+    elif variant == "two_rounds":
+        count_and_sum, squares = buffers["two_rounds"]
+        dist.all_reduce(count_and_sum, group=group)
+        dist.all_reduce(squares, group=group)  # in SyncBN it can only start once the mean is known
+    else:
+        raise ValueError(f"variant must be one of {ROUNDS}, got {variant!r}")
 
 
 def _communication_worker(rank: int, world_size: int, config: CommunicationConfig) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(rank)
     x = torch.randn(config.per_rank_batch, 64, generator=generator)
 
-    # 1. Count the messages of one forward and one backward pass.
+    # 1. Record the messages of one forward and one backward pass.
     sync_model = convert_sync_batchnorm(mlp(64, config.hidden, activation="relu", norm="bn", seed=0))
-    with recorded_all_reduces() as forward_calls:
+    with recorded_collectives() as forward_calls:
         out = sync_model(x)
-    with recorded_all_reduces() as backward_calls:
+    with recorded_collectives() as backward_calls:
         out.square().mean().backward()
     layers = len(config.hidden)
-    if len(forward_calls) != 2 * layers or len(backward_calls) != layers:
-        raise RuntimeError(f"expected 2 forward and 1 backward all-reduce per layer, got {forward_calls} and "
+    if len(forward_calls) != layers or len(backward_calls) != layers:
+        raise RuntimeError(f"expected 1 forward and 1 backward collective per layer, got {forward_calls} and "
                            f"{backward_calls} for {layers} layers")
-    forward_sizes = [forward_calls[2 * i : 2 * i + 2] for i in range(layers)]
-    backward_sizes = [[n] for n in reversed(backward_calls)]  # the backward visits the layers last to first
+    forward_messages = [[call] for call in forward_calls]
+    backward_messages = [[call] for call in reversed(backward_calls)]  # the backward visits the layers last to first
 
-    # 2. Time one all-reduce of each size (and of 2C + 1, the size of a one-round forward), interleaved.
-    sizes = sorted(set(forward_calls + backward_calls + [2 * c + 1 for c in config.hidden]))
-    buffers = {n: torch.zeros(n, dtype=torch.float64) for n in sizes}
-    times: dict[int, list[float]] = {n: [] for n in sizes}
+    # 2. Time the forward's communication with one round and with two, interleaved (the order rotates every repeat,
+    #    identically on every rank, since every rank must make the same calls).
+    channels = sorted(set(config.hidden))
+    buffers = {
+        c: {
+            "one_round": [torch.zeros(2 * c + 1, dtype=torch.float64) for _ in range(world_size + 1)],
+            "two_rounds": [torch.zeros(c + 1, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)],
+        }
+        for c in channels
+    }
+    cases = [(c, variant) for c in channels for variant in ROUNDS]
+    times: dict[tuple[int, str], list[float]] = {case: [] for case in cases}
     for repeat in range(config.repeats + 10):
-        for n in sizes[repeat % len(sizes):] + sizes[: repeat % len(sizes)]:
+        shift = repeat % len(cases)
+        for c, variant in cases[shift:] + cases[:shift]:
             start = time.perf_counter()
-            dist.all_reduce(buffers[n])
+            round_once(variant, buffers[c])
             if repeat >= 10:  # the first rounds warm up the connections
-                times[n].append(time.perf_counter() - start)
+                times[(c, variant)].append(time.perf_counter() - start)
 
     # 3. Time whole training steps with per-rank and with synchronized BN, interleaved.
     models = {
@@ -369,22 +417,25 @@ def _communication_worker(rank: int, world_size: int, config: CommunicationConfi
         torch_cpu_error = f"{type(error).__name__}: {error}"
 
     return {
-        "forward_sizes": forward_sizes,
-        "backward_sizes": backward_sizes,
-        "all_reduce_us": {n: 1e6 * statistics.median(t) for n, t in times.items()},
+        "forward_messages": forward_messages,
+        "backward_messages": backward_messages,
+        "round_us": {c: {v: 1e6 * statistics.median(times[(c, v)]) for v in ROUNDS} for c in channels},
         "step_ms": {name: 1e3 * statistics.median(t) for name, t in step_times.items()},
         "torch_cpu_error": torch_cpu_error,
     }
 
 
 def measure_communication(config: CommunicationConfig = CommunicationConfig()) -> CommunicationCost:
-    """Count and time the all-reduces of `SyncBatchNorm` in `config.world_size` CPU processes over gloo.
+    """Record and time the collectives of `SyncBatchNorm` in `config.world_size` CPU processes over gloo.
 
-    Returns a `CommunicationCost`: per BN layer, the sizes of its forward and backward all-reduces (expected
-    [C + 1, C] and [2C]); the median time of one all-reduce of each size; the median time of a DDP training step with
-    per-rank and with synchronized BN. The numbers are this machine's, over loopback; they are latencies of a few
-    hundred floats, which is what SyncBN sends.
+    Returns a `CommunicationCost`: per BN layer, its forward and backward collectives (expected one all-gather of
+    2C + 1 floats and one all-reduce of 2C); the median time of the forward's communication with one round and with
+    two (`round_once`); the median time of a DDP training step with per-rank and with synchronized BN. The numbers
+    are this machine's, over loopback: latencies of messages of a few thousand floats at most, which is what SyncBN
+    sends.
     """
+    if not isinstance(config, CommunicationConfig):
+        raise TypeError(f"config must be a CommunicationConfig, got {type(config).__name__}")
     measured = launch(_communication_worker, config.world_size, (config,), timeout=config.timeout)[0]
     return CommunicationCost(world_size=config.world_size, channels=list(config.hidden), **measured)
 
