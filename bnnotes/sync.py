@@ -327,12 +327,14 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
 
     Converts torch.nn's ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` and bnnotes' ``BatchNorm{1,2,3}d`` (exactly these
     types). What the new layer keeps of the old one:
+
     - its parameter and buffer *tensors* themselves (so an optimizer built before the conversion still updates them),
       with their device, dtype and requires_grad;
     - its hyper-parameters (num_features, eps, momentum, affine, bias or not, track_running_stats), its train/eval
       mode and its ``qconfig`` if it has one (as torch's converter);
     - its hooks: forward, forward-pre, backward (module and full), state-dict and load-state-dict hooks, by taking
       over the registries themselves, so handles obtained before the conversion still remove them.
+
     Not kept: any other attribute set on the old layer instance, and the old layer's identity (a reference to it
     elsewhere still points at the old, unconverted layer).
     process_group: see `SyncBatchNorm`. Returns the converted module: `module` itself, changed in place, unless
