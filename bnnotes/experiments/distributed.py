@@ -298,7 +298,7 @@ class CommunicationConfig:
     timeout: float = 120.0
 
 
-# The forward-pass communication of the two algorithms, by name (see `round_once`).
+#: The forward-pass communication of the two algorithms, by name (see `round_once`).
 ROUNDS = ("one_round", "two_rounds")
 
 
