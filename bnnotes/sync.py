@@ -253,6 +253,12 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # ... buffers updated only while training with track_running_stats ...
         update = not self.training or self.track_running_stats
+        # ... eps > 0 with batch statistics, eps >= 0 with running ones (torch's rules, so as not to return NaN) ...
+        if self.eps < 0 or (use_batch_stats and self.eps <= 0):
+            raise ValueError(
+                f"eps must be positive when normalizing with batch statistics (training, or eval without running "
+                f"buffers) and non-negative otherwise, got eps={self.eps}"
+            )
         running_mean = self.running_mean if update else None
         running_var = self.running_var if update else None
         # ... and synchronization only while training, over more than one rank.

@@ -490,6 +490,20 @@ def test_dtype_mismatch_is_refused_as_torch_refuses_it():
     assert SyncBatchNorm(3)(torch.randn(4, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16  # float32 parameters
 
 
+@pytest.mark.parametrize("eps, training, raises", [(0.0, True, True), (-1e-5, True, True), (0.0, False, False),
+                                                   (-1e-5, False, True), (1e-5, True, False)])
+def test_eps_is_validated_as_torch_validates_it(eps, training, raises):
+    x = torch.randn(4, 3)
+    torch_layer, ours = nn.BatchNorm1d(3, eps=eps).train(training), SyncBatchNorm(3, eps=eps).train(training)
+    if raises:
+        with pytest.raises(ValueError, match="eps"):
+            torch_layer(x)
+        with pytest.raises(ValueError, match=f"eps must be positive .* got eps={eps}"):
+            ours(x)
+    else:
+        torch.testing.assert_close(ours(x), torch_layer(x))
+
+
 def test_convert_rejects_a_non_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         convert_sync_batchnorm("not a module")
