@@ -147,8 +147,9 @@ class BackpropGains:
 
     measured: ||dL/dh_{l-1}|| / ||dL/dh_l|| (Frobenius norms over the batch), the factor the layer applies.
     bound: ||W_l||_2 * max g'(a_l), the operator-norm bound of eq-motivation-backprop (no vector can do worse).
-    typical: init_std * sqrt(fan_out) * rms g'(a_l), the factor for a vector that is not aligned with W_l's top
-    singular vectors: a random W_l (fan_out x fan_in) scales such a vector by about init_std * sqrt(fan_out).
+    typical: init_std * sqrt(fan_in) * rms g'(a_l), the factor for a vector that is not aligned with W_l's top
+    singular vectors: each of the fan_in entries of W_l^T v is a sum of fan_out terms W_ij v_i, with variance
+    init_std^2 ||v||^2, so a random W_l (fan_out x fan_in) gives ||W_l^T v|| ~ init_std * sqrt(fan_in) * ||v||.
     operator_norm: ||W_l||_2. preact_std: the standard deviation of a_l. mean_derivative: the mean of g'(a_l),
     at most 1/4 (reached at a = 0): near 1/4 the units are not saturated, near 0 they are.
     """
@@ -203,12 +204,12 @@ def backprop_gains_at_init(
     operator_norm = np.array([torch.linalg.matrix_norm(model[3 * l].weight.detach(), ord=2).item() for l in layers])
     max_derivative = np.array([derivatives[l].max().item() for l in layers])
     rms_derivative = np.array([derivatives[l].pow(2).mean().sqrt().item() for l in layers])
-    fan_out = np.array([model[3 * l].out_features for l in layers])
+    fan_in = np.array([model[3 * l].in_features for l in layers])
     return BackpropGains(
         init_std=init_std,
         measured=grad_norm[:-1] / grad_norm[1:],
         bound=operator_norm * max_derivative,
-        typical=init_std * np.sqrt(fan_out) * rms_derivative,
+        typical=init_std * np.sqrt(fan_in) * rms_derivative,
         operator_norm=operator_norm,
         preact_std=np.array([preacts[l].std().item() for l in layers]),
         mean_derivative=np.array([derivatives[l].mean().item() for l in layers]),
