@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import matplotlib
-
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["COLORS", "LABELS", "color", "label", "apply_style", "subplots", "band", "finish"]
+__all__ = ["COLORS", "LABELS", "color", "label", "apply_style", "subplots", "band", "log_ticks", "finish"]
 
 # Okabe & Ito (2008) palette.
 _BLUE, _ORANGE, _GREEN, _VERMILLION = "#0072B2", "#E69F00", "#009E73", "#D55E00"
@@ -108,6 +108,28 @@ def band(ax, x: Sequence[float], values: np.ndarray, key: str, lo: float = 0.0, 
     c = color(key)
     ax.plot(x, np.median(values, axis=0), color=c, label=kwargs.pop("label", label(key)), **kwargs)
     ax.fill_between(x, np.percentile(values, lo, axis=0), np.percentile(values, hi, axis=0), color=c, alpha=0.25, lw=0)
+
+
+def log_ticks(ax, which: str, ticks: Sequence[float]) -> None:
+    """Label a logarithmic axis at `ticks` only, in plain numbers, and leave its minor ticks unlabelled.
+
+    On a log axis that spans less than a decade or two, matplotlib labels minor ticks too ("2x10^0", "3x10^0", ...),
+    and the labels run into each other. which: ``"x"`` or ``"y"``.
+
+    >>> fig, (ax,) = subplots()
+    >>> ax.set_xscale("log"); log_ticks(ax, "x", [0.3, 1, 3])
+    >>> [t.get_text() for t in ax.get_xticklabels()]
+    ['0.3', '1', '3']
+    """
+    if which not in ("x", "y"):
+        raise ValueError(f"which must be 'x' or 'y', got {which!r}")
+    ticks = [float(t) for t in ticks]
+    if not ticks or min(ticks) <= 0:
+        raise ValueError(f"ticks must be a non-empty sequence of positive numbers for a log axis, got {ticks!r}")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    axis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{t:g}" for t in ticks]))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def finish(fig, axes=None) -> None:

@@ -113,9 +113,11 @@ def test_scale_invariance_numbers():
     assert np.all(result.output_change < 1e-12)
     np.testing.assert_allclose(result.grad_norm * result.scales, result.grad_norm[2], rtol=1e-10)
     np.testing.assert_allclose(result.step_angle * result.scales**2, result.step_angle[2], rtol=0.02)
+    assert result.row_cosine.shape == result.scales.shape and np.all(result.row_cosine < 1e-12)  # <W_row, grad_row> = 0
     # eps > 0 breaks the invariance, by a relative eps / (a^2 var): visible at small a.
     with_eps = derivation.scale_invariance(scales=(0.01, 1.0), eps=1e-2)
     assert with_eps.output_change[0] > 1e-3
+    assert with_eps.row_cosine[0] > 1e-6  # ... and with it the orthogonality, again visible at small a
 
 
 def test_weight_norm_small_run():

@@ -270,3 +270,56 @@ def test_speedup_counts_a_failed_plain_run_as_max_steps():
     steps = {("sigmoid", "none"): np.array([math.inf, 300.0]), ("sigmoid", "bn"): np.array([50.0, 100.0])}
     result = M.SaturationResult(6, (0, 1), 0.9, 600, steps, {key: np.zeros(2) for key in steps})
     np.testing.assert_allclose(result.speedup("sigmoid"), [12.0, 3.0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The per-layer gain of eq-motivation-backprop, and the fan-based initializations
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_backprop_gains_respect_the_operator_norm_bound_and_match_the_typical_gain():
+    gains = M.backprop_gains_at_init(init_std=0.1, depth=4, width=100, batch_size=60, seed=0)
+    assert gains.measured.shape == gains.bound.shape == gains.typical.shape == (3,)
+    assert (gains.measured <= gains.bound).all()  # the bound holds for every layer, as an inequality must
+    np.testing.assert_allclose(gains.measured, gains.typical, rtol=0.25)  # the typical-vector estimate
+    np.testing.assert_allclose(gains.operator_norm, 0.1 * 2 * math.sqrt(100), rtol=0.15)  # ~ sigma (sqrt(n) + sqrt(n))
+    assert (gains.mean_derivative > 0.22).all() and (gains.mean_derivative <= 0.25).all()  # g' <= 1/4, unsaturated
+
+
+def test_backprop_gains_see_saturation_at_large_scales():
+    small, large = (M.backprop_gains_at_init(init_std=std, depth=3, width=50, batch_size=30) for std in (0.1, 3.0))
+    assert (large.preact_std > 10 * small.preact_std).all()
+    assert (large.mean_derivative < 0.2 * small.mean_derivative).all()
+
+
+def test_backprop_gains_reject_a_network_without_a_hidden_to_hidden_layer():
+    with pytest.raises(ValueError, match="depth >= 2"):
+        M.backprop_gains_at_init(depth=1)
+    with pytest.raises(ValueError, match="init_std must be positive"):
+        M.backprop_gains_at_init(init_std=0.0)
+
+
+def test_init_schemes_give_the_fan_based_standard_deviations():
+    assert M.INIT_SCHEMES["glorot"](100, 100) == pytest.approx(0.1)
+    assert M.INIT_SCHEMES["kaiming"](100, 10) == pytest.approx(math.sqrt(0.02))
+    model = mlp(64, hidden=(400, 400), seed=0)
+    M.apply_init_scheme(model, "kaiming", seed=0)
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    for layer in linears:
+        expected = math.sqrt(2.0 / layer.in_features)
+        assert layer.weight.std().item() == pytest.approx(expected, rel=0.05)
+        assert layer.bias is None or (layer.bias == 0).all()
+    with pytest.raises(ValueError, match="init scheme must be one of"):
+        M.apply_init_scheme(model, "xavier", seed=0)
+
+
+def test_init_scheme_steps_shapes_and_determinism():
+    run = lambda: M.init_scheme_steps(schemes=("glorot", "kaiming"), seeds=(0,), max_steps=40, target=0.5)
+    first, second = run(), run()
+    assert first.steps_to_target["bn"].shape == (1, 2) and set(first.steps_to_target) == {"none", "bn"}
+    for norm in ("none", "bn"):
+        np.testing.assert_array_equal(first.steps_to_target[norm], second.steps_to_target[norm])
+    assert first.hidden_std == pytest.approx({"glorot": 0.1, "kaiming": math.sqrt(0.02)})
+    with pytest.raises(ValueError, match="schemes must be a non-empty subset"):
+        M.init_scheme_steps(schemes=("lecun",))
+

@@ -282,13 +282,15 @@ class ScaleInvariance:
     """What `scale_invariance` measured for each scale a of the weight matrix.
 
     output_change: ``max|BN(aWu) - BN(Wu)|``. grad_norm: ``||d loss / d(aW)||``. step_angle: the angle (radians) between
-    aW and aW - lr * grad after one SGD step with the same lr for every a.
+    aW and aW - lr * grad after one SGD step with the same lr for every a. row_cosine: the largest |cosine| between a
+    row of aW and the same row of its gradient (0 when every row's gradient is orthogonal to the row).
     """
 
     scales: np.ndarray
     output_change: np.ndarray
     grad_norm: np.ndarray
     step_angle: np.ndarray
+    row_cosine: np.ndarray
 
 
 def scale_invariance(
@@ -316,19 +318,21 @@ def scale_invariance(
         return torch_bn.batch_norm(u @ w.T, None, None, gamma, beta, training=True, eps=eps)
 
     reference = bn_of(weight)
-    output_change, grad_norm, step_angle = [], [], []
+    output_change, grad_norm, step_angle, row_cosine = [], [], [], []
     for a in scales:
         scaled = (a * weight).requires_grad_(True)
         out = bn_of(scaled)
         (out * upstream).sum().backward()
         output_change.append(float((out.detach() - reference).abs().max()))
         grad_norm.append(float(scaled.grad.norm()))
+        # Each output feature is normalized on its own, so the orthogonality <W, grad> = 0 holds row by row.
+        row_cosine.append(float(torch.nn.functional.cosine_similarity(scaled.detach(), scaled.grad, dim=1).abs().max()))
         with torch.no_grad():
             stepped = scaled - lr * scaled.grad
             cosine = (stepped * scaled).sum() / (stepped.norm() * scaled.norm())
             step_angle.append(float(torch.arccos(cosine.clamp(-1.0, 1.0))))
     return ScaleInvariance(np.array(scales, dtype=float), np.array(output_change), np.array(grad_norm),
-                           np.array(step_angle))
+                           np.array(step_angle), np.array(row_cosine))
 
 
 @dataclass

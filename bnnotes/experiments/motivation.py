@@ -5,10 +5,13 @@ numbers (NumPy arrays in small dataclasses) that the chapter plots and asserts o
 pieces: `mlp`, `train`, `TrainConfig`, `evaluate`, `steps_to_accuracy` and `load_digits`; models use bnnotes' own BN.
 
 - `gradient_norms_at_init`: how the gradient shrinks layer by layer through sigmoids, with and without BN.
+- `backprop_gains_at_init`: the factor by which one plain sigmoid layer scales the backpropagated gradient, against the
+  operator-norm bound and the typical-vector estimate of eq-motivation-backprop, and whether the units saturate.
 - `normalization_cost`: wall time of full whitening against per-feature standardization, as the width grows.
 - `pre_bn_bias_effect`: a bias before BN changes nothing and receives a zero gradient.
 - `reproduce_figure1`: Figure 1 of the paper at small scale (accuracy, and percentiles of one sigmoid's input).
 - `learning_rate_sweep`, `init_scale_sweep`: steps to a target accuracy across learning rates and initial scales.
+- `init_scheme_steps`: the same measure for the standard fan-based initializations (Glorot, Kaiming).
 - `generalization_gap`: train against test accuracy and loss on a small training subset.
 - `saturating_nonlinearities`: a deep sigmoid net against a deep ReLU net, with and without BN.
 """
@@ -38,14 +41,20 @@ __all__ = [
     "Sweep",
     "GapRun",
     "SaturationResult",
+    "BackpropGains",
+    "InitSchemes",
+    "INIT_SCHEMES",
     "NormalizationCost",
     "BiasAbsorption",
     "gradient_norms_at_init",
+    "backprop_gains_at_init",
     "normalization_cost",
     "pre_bn_bias_effect",
     "reproduce_figure1",
     "learning_rate_sweep",
     "init_scale_sweep",
+    "init_scheme_steps",
+    "apply_init_scheme",
     "generalization_gap",
     "saturating_nonlinearities",
 ]
@@ -127,6 +136,84 @@ def gradient_norms_at_init(
                 rows.append([layer.weight.grad.norm().item() for layer in linears])
             result[activation, norm] = np.array(rows)
     return result
+
+
+@dataclass(frozen=True)
+class BackpropGains:
+    """How one plain sigmoid layer scales the backpropagated gradient at initialization (eq-motivation-backprop).
+
+    For the hidden layers l = 2..depth of a plain ``depth`` x `width` sigmoid network, with a_l = W_l h_{l-1} + b_l and
+    h_l = g(a_l), on one mini-batch (arrays of shape (depth - 1,), one entry per layer l):
+
+    measured: ||dL/dh_{l-1}|| / ||dL/dh_l|| (Frobenius norms over the batch), the factor the layer applies.
+    bound: ||W_l||_2 * max g'(a_l), the operator-norm bound of eq-motivation-backprop (no vector can do worse).
+    typical: init_std * sqrt(fan_in) * rms g'(a_l), the factor for a vector that is not aligned with W_l's top
+    singular vectors: each of the fan_in entries of W_l^T v is a sum of fan_out terms W_ij v_i, with variance
+    init_std^2 ||v||^2, so a random W_l (fan_out x fan_in) gives ||W_l^T v|| ~ init_std * sqrt(fan_in) * ||v||.
+    operator_norm: ||W_l||_2. preact_std: the standard deviation of a_l. mean_derivative: the mean of g'(a_l),
+    at most 1/4 (reached at a = 0): near 1/4 the units are not saturated, near 0 they are.
+    """
+
+    init_std: float
+    measured: np.ndarray
+    bound: np.ndarray
+    typical: np.ndarray
+    operator_norm: np.ndarray
+    preact_std: np.ndarray
+    mean_derivative: np.ndarray
+
+
+def backprop_gains_at_init(
+    init_std: float = 0.1,
+    depth: int = 6,
+    width: int = 100,
+    batch_size: int = 60,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> BackpropGains:
+    """Measure the per-layer factor of eq-motivation-backprop in a plain sigmoid `mlp` at initialization.
+
+    One mini-batch of `batch_size` digits (drawn with `seed`) goes forward; the cross-entropy goes backward, and the
+    gradient with respect to every hidden activation h_l is kept. See `BackpropGains` for what is returned.
+
+    >>> gains = backprop_gains_at_init(depth=3, width=20, batch_size=16)
+    >>> bool((gains.measured <= gains.bound).all())
+    True
+    """
+    _check_positive(init_std=init_std)
+    if depth < 2 or width < 1 or batch_size < 1:
+        raise ValueError(f"need depth >= 2, width >= 1 and batch_size >= 1, got depth={depth}, width={width}, "
+                         f"batch_size={batch_size}")
+    data = load_digits(device=device)
+    model = mlp(data.n_features, hidden=(width,) * depth, activation="sigmoid", norm="none", init_std=init_std,
+                seed=seed).to(data.x_train.device)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(data.x_train.shape[0], generator=generator)[:batch_size].to(data.x_train.device)
+    h = data.x_train[idx]  # (batch, features)
+    preacts, hiddens = [], []
+    for layer in range(depth):
+        a = model[3 * layer](h)  # (batch, width): Linear; model[3 * layer + 1] is the Identity of norm="none"
+        h = model[3 * layer + 2](a)
+        h.retain_grad()
+        preacts.append(a.detach())
+        hiddens.append(h)
+    F.cross_entropy(model[-1](h), data.y_train[idx]).backward()
+    grad_norm = np.array([hidden.grad.norm().item() for hidden in hiddens])  # ||dL/dh_l||, l = 1..depth
+    derivatives = [torch.sigmoid(a) * (1 - torch.sigmoid(a)) for a in preacts]  # g'(a_l), eq-motivation-sigmoid
+    layers = range(1, depth)  # W_l for l = 2..depth maps h_{l-1} to a_l
+    operator_norm = np.array([torch.linalg.matrix_norm(model[3 * l].weight.detach(), ord=2).item() for l in layers])
+    max_derivative = np.array([derivatives[l].max().item() for l in layers])
+    rms_derivative = np.array([derivatives[l].pow(2).mean().sqrt().item() for l in layers])
+    fan_in = np.array([model[3 * l].in_features for l in layers])
+    return BackpropGains(
+        init_std=init_std,
+        measured=grad_norm[:-1] / grad_norm[1:],
+        bound=operator_norm * max_derivative,
+        typical=init_std * np.sqrt(fan_in) * rms_derivative,
+        operator_norm=operator_norm,
+        preact_std=np.array([preacts[l].std().item() for l in layers]),
+        mean_derivative=np.array([derivatives[l].mean().item() for l in layers]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -416,12 +503,45 @@ class Sweep:
         return np.array([self.values[row].max() if row.any() else np.nan for row in trains])
 
 
+#: The fan-based initializations of `init_scheme_steps`: the standard deviation of a (fan_out, fan_in) weight matrix.
+#: Glorot & Bengio (2010), "normalized" initialization in its Gaussian form, for sigmoid/tanh units; He et al. (2015)
+#: for ReLU units.
+INIT_SCHEMES: dict[str, Callable[[int, int], float]] = {
+    "glorot": lambda fan_in, fan_out: math.sqrt(2.0 / (fan_in + fan_out)),
+    "kaiming": lambda fan_in, fan_out: math.sqrt(2.0 / fan_in),
+}
+
+
+def apply_init_scheme(model: nn.Module, scheme: str, seed: int) -> None:
+    """Redraw every Linear weight of `model` from N(0, INIT_SCHEMES[scheme](fan_in, fan_out)^2), biases 0, in place.
+
+    >>> model = mlp(64, hidden=(100,), seed=0)
+    >>> apply_init_scheme(model, "glorot", seed=0)
+    >>> round(model[0].weight.std().item(), 2)  # sqrt(2 / (64 + 100))
+    0.11
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init scheme must be one of {sorted(INIT_SCHEMES)}, got {scheme!r}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if isinstance(m, nn.Linear)):
+            layer.weight.normal_(0.0, INIT_SCHEMES[scheme](layer.in_features, layer.out_features), generator=generator)
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
 def _steps_to_target(
     data: Dataset, norm: str, seed: int, *, lr: float, init_std: float, max_steps: int, target: float,
     eval_every: int, batch_size: int, activation: str = "sigmoid", hidden: Sequence[int] = (100, 100, 100),
+    init_scheme: str | None = None,
 ) -> tuple[float, float]:
-    """Train until test accuracy reaches `target` (or for max_steps): (the step it did or inf, the last accuracy)."""
+    """Train until test accuracy reaches `target` (or for max_steps): (the step it did or inf, the last accuracy).
+
+    init_scheme: None draws every weight from N(0, init_std^2); a key of `INIT_SCHEMES` uses that scheme instead.
+    """
     model = mlp(data.n_features, hidden=hidden, activation=activation, norm=norm, init_std=init_std, seed=seed)
+    if init_scheme is not None:
+        apply_init_scheme(model, init_scheme, seed)
     config = TrainConfig(steps=max_steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed,
                          stop_at_accuracy=target)
     history = train(model, data, config)
@@ -515,6 +635,70 @@ def init_scale_sweep(
             for seed in seeds
         ])
     return Sweep("init_std", values, seeds, target, max_steps, result)
+
+
+@dataclass(frozen=True)
+class InitSchemes:
+    """Steps to a target test accuracy from the fan-based initializations, per normalization and seed.
+
+    schemes: the `INIT_SCHEMES` keys, one column each. hidden_std: {scheme: the standard deviation it gives a hidden
+    (width x width) layer}. steps_to_target: {norm: (len(seeds), len(schemes))}, ``inf`` where not reached.
+    """
+
+    schemes: tuple[str, ...]
+    seeds: tuple[int, ...]
+    target: float
+    max_steps: int
+    hidden_std: dict[str, float]
+    steps_to_target: dict[str, np.ndarray]
+
+    def trains(self, norm: str) -> np.ndarray:
+        """(len(seeds), len(schemes)) bool: whether the run reached the target within `max_steps`."""
+        return np.isfinite(self.steps_to_target[norm])
+
+
+def init_scheme_steps(
+    schemes: Sequence[str] = ("glorot", "kaiming"),
+    seeds: Sequence[int] = (0, 1, 2),
+    max_steps: int = 500,
+    target: float = 0.9,
+    lr: float = 1.0,
+    norms: Sequence[str] = ("none", "bn"),
+    width: int = 100,
+    eval_every: int = 10,
+    batch_size: int = 60,
+    device: torch.device | str | None = None,
+) -> InitSchemes:
+    """The baseline for `init_scale_sweep`: the Figure 1 network initialized by a fan-based rule instead of one sigma.
+
+    Glorot's rule gives a 100 x 100 layer sigma = 0.1, Kaiming's (meant for ReLUs) sigma = 0.141; the input and output
+    layers get their own fans. Each run stops as soon as it reaches `target`.
+
+    >>> result = init_scheme_steps(schemes=("glorot",), seeds=(0,), max_steps=30, target=0.5)
+    >>> result.steps_to_target["none"].shape
+    (1, 1)
+    """
+    seeds = _check_seeds(seeds)
+    norms = _check_norms(norms)
+    schemes = tuple(schemes)
+    unknown = [scheme for scheme in schemes if scheme not in INIT_SCHEMES]
+    if not schemes or unknown:
+        raise ValueError(f"schemes must be a non-empty subset of {sorted(INIT_SCHEMES)}, got {schemes!r}")
+    _check_target(target)
+    _check_positive(max_steps=max_steps, lr=lr, eval_every=eval_every)
+    data = load_digits(device=device)
+    hidden = (width,) * 3
+    result = {
+        norm: np.array([
+            [_steps_to_target(data, norm, seed, lr=lr, init_std=1.0, max_steps=max_steps, target=target,
+                              eval_every=eval_every, batch_size=batch_size, hidden=hidden, init_scheme=scheme)[0]
+             for scheme in schemes]
+            for seed in seeds
+        ])
+        for norm in norms
+    }
+    hidden_std = {scheme: INIT_SCHEMES[scheme](width, width) for scheme in schemes}
+    return InitSchemes(schemes, seeds, target, max_steps, hidden_std, result)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
