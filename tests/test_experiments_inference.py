@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -185,3 +186,27 @@ def test_batch_variance_ratio_matches_a_direct_computation_and_eq_inference_bias
         inf.batch_variance_ratio(x, batch_size=13)
     with pytest.raises(ValueError, match="one value per channel"):
         inf.batch_variance_ratio(x[:, :, 0], batch_size=1)
+
+
+def test_train_mode_predictions(data):
+    model = _tiny_bn_model()
+    train(model, data, TrainConfig(steps=30, batch_size=32, lr=0.1, eval_every=30))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = data.x_test[:33]  # 33 = 2 * 16 + 1: the single leftover example joins the last batch
+    predictions = inf.train_mode_predictions(model, x, batch_size=16, seed=4)
+    perm = torch.randperm(33, generator=torch.Generator().manual_seed(4))
+    reference = copy.deepcopy(model).train()
+    expected = torch.empty(33, dtype=torch.long)
+    with torch.no_grad():
+        for idx in (perm[:16], perm[16:]):
+            expected[idx] = reference(x[idx]).argmax(dim=1)
+    assert torch.equal(predictions, expected)
+    assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # Without BN the batching cannot matter: training-mode predictions are the eval-mode ones.
+    plain = mlp(64, hidden=(16,), norm="none", seed=0)
+    with torch.no_grad():
+        eval_predictions = plain(x).argmax(dim=1)
+    assert torch.equal(inf.train_mode_predictions(plain, x, batch_size=5, seed=1), eval_predictions)
+    with pytest.raises(ValueError, match="batch_size"):
+        inf.train_mode_predictions(model, x, batch_size=1)

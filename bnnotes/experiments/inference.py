@@ -39,6 +39,7 @@ __all__ = [
     "momentum_sweep",
     "BatchMates",
     "batch_mates",
+    "train_mode_predictions",
     "run_keras_batchnorm",
     "convnet",
     "FoldBenchmarkConfig",
@@ -384,6 +385,34 @@ class BatchMates:
     def changed_fraction(self) -> float:
         """The fraction of examples whose train-mode prediction depends on their batch-mates' class."""
         return float(np.mean([len(set(row)) > 1 for row in self.train_pred]))
+
+
+@torch.no_grad()
+def train_mode_predictions(model: nn.Module, x: Tensor, batch_size: int, seed: int = 0) -> Tensor:
+    """The class `model` predicts in training mode for every row of x, when x is cut into random batches.
+
+    x: (N, ...). The rows are shuffled with `seed` and cut into batches of `batch_size`; a remainder of one example
+    joins the last full batch (training mode needs two values per channel). A deep copy of `model` runs the forward
+    passes, so `model` itself (mode, running statistics) is untouched.
+    Returns a long tensor of shape (N,), in x's order.
+
+    >>> model = mlp(4, hidden=(3,), norm="none")
+    >>> train_mode_predictions(model, torch.zeros(5, 4), batch_size=2).shape
+    torch.Size([5])
+    """
+    n = x.shape[0]
+    if not isinstance(batch_size, int) or not 2 <= batch_size <= n:
+        raise ValueError(f"batch_size must be an integer in [2, {n}] for {n} examples, got {batch_size!r}")
+    copy_ = copy.deepcopy(model).train()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        leftover = batches.pop()
+        batches[-1] = torch.cat([batches[-1], leftover])
+    predictions = torch.empty(n, dtype=torch.long, device=x.device)
+    for idx in batches:
+        predictions[idx] = copy_(x[idx]).argmax(dim=1)
+    return predictions
 
 
 @torch.no_grad()
