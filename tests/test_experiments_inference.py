@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -148,3 +149,64 @@ def test_convnet_and_fold_benchmark_tiny(data):
     assert set(result.seconds) == {1, 8} and set(result.seconds[1]) == {"bn", "torch_bn", "folded"}
     assert all(s > 0 for per_batch in result.seconds.values() for s in per_batch.values())
     assert not any(isinstance(m, torch_bn.BatchNorm2d) for m in result.folded.modules())
+
+
+def test_bn_inputs_are_the_inputs_of_the_bn_layers(data):
+    model = _tiny_bn_model()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = inf.bn_inputs(model, data.x_test[:7])
+    assert [tuple(t.shape) for t in inputs] == [(7, 16), (7, 16)]
+    with torch.no_grad():
+        first = model[0](data.x_test[:7])
+        second = model[3](model[2](model[1].eval()(first)))
+    torch.testing.assert_close(inputs[0], first, rtol=0, atol=0)
+    torch.testing.assert_close(inputs[1], second, rtol=0, atol=0)
+    model[1].train()
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="no bnnotes BN layer"):
+        inf.bn_inputs(nn.Linear(64, 3), data.x_test)
+
+
+def test_batch_variance_ratio_matches_a_direct_computation_and_eq_inference_bias():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 3, 2, dtype=torch.float64, generator=g) * torch.tensor([1.0, 4.0, 0.5]).view(1, 3, 1) + 2.0
+    ratio = inf.batch_variance_ratio(x, batch_size=5, seed=7)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(7))
+    expected = torch.stack([x[perm[s:s + 5]].var(dim=(0, 2), correction=0) for s in (0, 5)]).mean(0)
+    torch.testing.assert_close(ratio, expected / x.var(dim=(0, 2), correction=0), rtol=1e-12, atol=0)
+    # Independent values: E[sigma_B^2] / sigma^2 = (m - 1) / m, here m = 4 * 2 = 8 (standard error about 0.002).
+    iid = torch.randn(40_000, 2, 2, dtype=torch.float64, generator=g)
+    assert torch.allclose(inf.batch_variance_ratio(iid, batch_size=4), torch.tensor(7 / 8, dtype=torch.float64),
+                          atol=0.01)
+    # One shared offset per example (values within an example correlated): the shortfall is far larger than 1/m.
+    correlated = iid + 3.0 * torch.randn(40_000, 1, 1, dtype=torch.float64, generator=g)
+    assert torch.all(inf.batch_variance_ratio(correlated, batch_size=4) < 0.8)
+    with pytest.raises(ValueError, match="batch_size"):
+        inf.batch_variance_ratio(x, batch_size=13)
+    with pytest.raises(ValueError, match="one value per channel"):
+        inf.batch_variance_ratio(x[:, :, 0], batch_size=1)
+
+
+def test_train_mode_predictions(data):
+    model = _tiny_bn_model()
+    train(model, data, TrainConfig(steps=30, batch_size=32, lr=0.1, eval_every=30))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = data.x_test[:33]  # 33 = 2 * 16 + 1: the single leftover example joins the last batch
+    predictions = inf.train_mode_predictions(model, x, batch_size=16, seed=4)
+    perm = torch.randperm(33, generator=torch.Generator().manual_seed(4))
+    reference = copy.deepcopy(model).train()
+    expected = torch.empty(33, dtype=torch.long)
+    with torch.no_grad():
+        for idx in (perm[:16], perm[16:]):
+            expected[idx] = reference(x[idx]).argmax(dim=1)
+    assert torch.equal(predictions, expected)
+    assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # Without BN the batching cannot matter: training-mode predictions are the eval-mode ones.
+    plain = mlp(64, hidden=(16,), norm="none", seed=0)
+    with torch.no_grad():
+        eval_predictions = plain(x).argmax(dim=1)
+    assert torch.equal(inf.train_mode_predictions(plain, x, batch_size=5, seed=1), eval_predictions)
+    with pytest.raises(ValueError, match="batch_size"):
+        inf.train_mode_predictions(model, x, batch_size=1)

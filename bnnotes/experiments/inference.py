@@ -31,12 +31,15 @@ __all__ = [
     "population_statistics",
     "using_statistics",
     "statistics_distance",
+    "bn_inputs",
+    "batch_variance_ratio",
     "EmaTracker",
     "MomentumSweepConfig",
     "MomentumSweep",
     "momentum_sweep",
     "BatchMates",
     "batch_mates",
+    "train_mode_predictions",
     "run_keras_batchnorm",
     "convnet",
     "FoldBenchmarkConfig",
@@ -139,6 +142,64 @@ def statistics_distance(stats: Statistics, reference: Statistics, eps: float = 1
         sigma, ref_sigma = torch.sqrt(var.double() + eps), torch.sqrt(ref_var.double() + eps)
         errors.append(((mean.double() - ref_mean.double()).abs() + (sigma - ref_sigma).abs()) / ref_sigma)
     return torch.cat(errors).mean().item()
+
+
+@torch.no_grad()
+def bn_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """The input of every bnnotes BN layer of `model` (module order) for one eval-mode forward pass of `x`.
+
+    Eval mode leaves the running statistics untouched; `model`'s mode is restored on exit.
+    Returns a list of tensors of shape (N, C) or (N, C, *spatial), one per BN layer.
+
+    >>> [tuple(t.shape) for t in bn_inputs(mlp(4, hidden=(3, 2), norm="bn"), torch.zeros(5, 4))]
+    [(5, 3), (5, 2)]
+    """
+    layers = bn_layers(model)
+    if not layers:
+        raise ValueError("model has no bnnotes BN layer with running statistics")
+    captured: list[Tensor] = []
+    handles = [bn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach()))
+               for bn in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def batch_variance_ratio(x: Tensor, batch_size: int, seed: int = 0) -> Tensor:
+    """Per channel, the mean biased batch variance over the variance of all of x: E_B[sigma_B^2] / sigma^2.
+
+    x: (N, C) or (N, C, *spatial), a layer's input for N examples. The batches are `batch_size` examples each, from
+    one shuffled pass (with `seed`; an incomplete last batch is dropped), so a batch holds
+    m = batch_size * prod(spatial) values per channel; sigma^2 is the biased variance of all N * prod(spatial) values.
+    For m independent values the ratio is (m - 1) / m (Eq. eq-inference-bias); values within one example of a
+    convolutional layer are not independent, and the ratio shows by how much that matters.
+    Returns a float64 tensor of shape (C,).
+
+    >>> x = torch.tensor([[0.0], [2.0], [1.0], [3.0]])
+    >>> batch_variance_ratio(x, batch_size=4).tolist()
+    [1.0]
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C) or (N, C, *spatial), got {tuple(x.shape)}")
+    n = x.shape[0]
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be an integer in [1, {n}] for {n} examples, got {batch_size!r}")
+    if batch_size == 1 and x.dim() == 2:
+        raise ValueError("batch_size=1 with (N, C) input leaves one value per channel: its variance is 0")
+    dims = [0] + list(range(2, x.dim()))
+    x = x.double()
+    population_var = x.var(dim=dims, correction=0)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    batch_vars = [x[perm[start : start + batch_size]].var(dim=dims, correction=0)
+                  for start in range(0, n - batch_size + 1, batch_size)]
+    return torch.stack(batch_vars).mean(0) / population_var
 
 
 class EmaTracker:
@@ -324,6 +385,34 @@ class BatchMates:
     def changed_fraction(self) -> float:
         """The fraction of examples whose train-mode prediction depends on their batch-mates' class."""
         return float(np.mean([len(set(row)) > 1 for row in self.train_pred]))
+
+
+@torch.no_grad()
+def train_mode_predictions(model: nn.Module, x: Tensor, batch_size: int, seed: int = 0) -> Tensor:
+    """The class `model` predicts in training mode for every row of x, when x is cut into random batches.
+
+    x: (N, ...). The rows are shuffled with `seed` and cut into batches of `batch_size`; a remainder of one example
+    joins the last full batch (training mode needs two values per channel). A deep copy of `model` runs the forward
+    passes, so `model` itself (mode, running statistics) is untouched.
+    Returns a long tensor of shape (N,), in x's order.
+
+    >>> model = mlp(4, hidden=(3,), norm="none")
+    >>> train_mode_predictions(model, torch.zeros(5, 4), batch_size=2).shape
+    torch.Size([5])
+    """
+    n = x.shape[0]
+    if not isinstance(batch_size, int) or not 2 <= batch_size <= n:
+        raise ValueError(f"batch_size must be an integer in [2, {n}] for {n} examples, got {batch_size!r}")
+    copy_ = copy.deepcopy(model).train()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        leftover = batches.pop()
+        batches[-1] = torch.cat([batches[-1], leftover])
+    predictions = torch.empty(n, dtype=torch.long, device=x.device)
+    for idx in batches:
+        predictions[idx] = copy_(x[idx]).argmax(dim=1)
+    return predictions
 
 
 @torch.no_grad()

@@ -227,7 +227,8 @@ class SmallBatchConfig:
     """Accuracy against batch size: one MLP per (norm, batch size, seed), `steps` plain-SGD steps each.
 
     lr = lr_per_example * batch size (the linear scaling rule), no momentum: with momentum 0.9 both BN and Batch Renorm
-    collapse at batch 2 (pilot). Batch Renorm ("brn") follows `renorm_callback`.
+    collapse at batch 2 (observed while the chapter was written; not asserted). Batch Renorm ("brn") follows
+    `renorm_callback`.
     """
 
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 64)
