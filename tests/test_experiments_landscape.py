@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from bnnotes.experiments.landscape import (
     landscape_experiment,
     landscape_probe,
     linear_teacher_data,
+    lower_layer_step,
     noisy_bn_experiment,
     recompute_running_stats,
     rescale_pre_norm_weights,
@@ -109,6 +112,29 @@ def test_gradient_ics_matches_a_manual_computation():
     assert torch.equal(model[0].weight, mlp(6, hidden=(5, 4), out_features=3, activation="tanh", seed=0).double()[0].weight)
 
 
+def test_lower_layer_step_matches_a_manual_computation():
+    model = mlp(6, hidden=(5, 4), out_features=3, activation="tanh", norm=_exact_bn, seed=0).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), torch.arange(10) % 3
+    lr = 0.3
+    step = lower_layer_step(model, x, y, lr)
+    assert torch.equal(model[1].running_mean, torch.zeros(5, dtype=torch.float64)), "the model must not be touched"
+    model = copy.deepcopy(model)
+    # Layer i's relative step covers every parameter registered before its weight: for layer 2 (model[6]) that is
+    # the first Linear, its BN, the second Linear and its BN.
+    named = list(model.named_parameters())
+    grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), [p for _, p in named])
+    below = [i for i, (n, _) in enumerate(named) if n.split(".")[0] in {"0", "1", "3", "4"}]
+    expected = (
+        lr * torch.sqrt(sum(grads[i].pow(2).sum() for i in below)) / torch.sqrt(sum(named[i][1].pow(2).sum() for i in below))
+    )
+    assert step.shape == (3,) and step[0] == 0.0
+    assert step[2] == pytest.approx(expected.item(), rel=1e-12)
+    assert 0 < step[1] < step[2] * 10
+    assert lower_layer_step(model, x, y, 2 * lr)[2] == pytest.approx(2 * step[2], rel=1e-12), "linear in lr"
+    with pytest.raises(ValueError, match="positive learning rate"):
+        lower_layer_step(model, x, y, 0.0)
+
+
 def test_landscape_probe_values_and_rescaling(digits):
     model = mlp(64, hidden=(20, 20), norm=_exact_bn, init_std=0.1, seed=0).double()
     x, y = digits.x_train[:60].double(), digits.y_train[:60]
@@ -173,6 +199,7 @@ def test_experiments_run_small(digits):
     assert by["bn"].instability < 0.5 * by["noisy_bn"].instability  # BN pins the moments; the noise moves them
     ics = ics_experiment(ICSConfig(hidden=(16, 16), steps=10, measure_every=5, seeds=(0,)), digits)
     assert [r.norm for r in ics] == ["none", "bn"] and ics[0].cosine.shape == (3, 3)
+    assert ics[1].lower_step.shape == (3, 3) and (ics[1].lower_step[:, 0] == 0).all() and (ics[1].lower_step[:, 1:] > 0).all()
     dln = ics_experiment(ICSConfig(data="linear", hidden=(8,) * 4, steps=10, measure_every=5, lr=0.01, seeds=(0,)))
     assert dln[1].l2.shape == (3, 5)
     land = landscape_experiment(

@@ -5,7 +5,7 @@ Three measurements, each built on the course's one training loop (`train` with a
 - `noisy_bn_experiment`: BN with noise injected after it (a deliberate, time-varying covariate shift), against BN and
   against the plain network, with the first two moments of one layer's input recorded over training.
 - `ics_experiment`: internal covariate shift measured through gradients (their Definition 2.1): a layer's gradient
-  before and after the layers below it take their step.
+  before and after the layers below it take their step, and how large that step was (`lower_layer_step`).
 - `landscape_experiment`: the loss and the gradient along the gradient (or a random) direction at checkpoints: the
   loss range, the gradient change and the "effective" beta-smoothness, in absolute and in per-layer relative units.
 
@@ -39,6 +39,7 @@ __all__ = [
     "noisy_bn_experiment",
     "recompute_running_stats",
     "gradient_ics",
+    "lower_layer_step",
     "ICSConfig",
     "ICSRun",
     "ics_experiment",
@@ -390,6 +391,35 @@ def gradient_ics(model: nn.Module, x: Tensor, y: Tensor, lr: float) -> tuple[np.
     return np.array(l2), np.array(cosine)
 
 
+def lower_layer_step(model: nn.Module, x: Tensor, y: Tensor, lr: float) -> np.ndarray:
+    """How far the layers below each Linear layer move in one SGD step on (x, y), relative to their own size.
+
+    For Linear layer i, theta_<i are the parameters that `gradient_ics` moves before measuring G'_i (every parameter
+    registered before layer i's weight: weights, biases, gamma, beta). Returns (n_layers,) with
+    ||lr * dL/dtheta_<i|| / ||theta_<i||; layer 0 has nothing below it: 0. Dividing the relative ICS
+    ||G_i - G'_i|| / ||G_i|| by this gives the gradient's relative change per relative step of the layers below.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> step = lower_layer_step(net, torch.randn(8, 3), torch.randint(0, 2, (8,)), lr=0.1)
+    >>> step.shape, float(step[0]), bool(step[1] > 0)
+    ((2,), 0.0, True)
+    """
+    if not lr > 0:
+        raise ValueError(f"lr must be a positive learning rate, got {lr!r}")
+    net = copy.deepcopy(model).train()
+    named = list(net.named_parameters())
+    order = [n for n, _ in named]
+    grads = torch.autograd.grad(F.cross_entropy(net(x), y), [p for _, p in named])
+    step_sq = np.array([(lr * g.detach().double()).pow(2).sum().item() for g in grads])
+    size_sq = np.array([p.detach().double().pow(2).sum().item() for _, p in named])
+    relative = []
+    for name, _ in _linear_weights(net):
+        below = order.index(name)
+        size = math.sqrt(size_sq[:below].sum())
+        relative.append(math.sqrt(step_sq[:below].sum()) / size if below else 0.0)
+    return np.array(relative)
+
+
 @dataclass(frozen=True)
 class ICSConfig:
     """Training runs on which `gradient_ics` is measured every `measure_every` steps on a fixed batch.
@@ -412,7 +442,8 @@ class ICSConfig:
 
 @dataclass
 class ICSRun:
-    """measure_step: (T,); l2, cosine: (T, n_linear_layers) from `gradient_ics`; history: the run's `History`."""
+    """measure_step: (T,); l2, cosine: (T, n_linear_layers) from `gradient_ics`; grad_norm: (T, n_linear_layers)
+    ||G_i||; lower_step: (T, n_linear_layers) from `lower_layer_step`; history: the run's `History`."""
 
     norm: str
     seed: int
@@ -421,6 +452,7 @@ class ICSRun:
     l2: np.ndarray
     cosine: np.ndarray
     grad_norm: np.ndarray
+    lower_step: np.ndarray
 
 
 def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRun]:
@@ -448,7 +480,7 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
                 data.n_features, hidden=config.hidden, out_features=data.n_classes, activation=activation,
                 norm=norm_factory(norm), linear_bias=norm == "none", init_std=init_std, seed=seed,
             )
-            steps, l2s, coss, gnorms = [], [], [], []
+            steps, l2s, coss, gnorms, lower = [], [], [], [], []
 
             def callback(step: int, net: nn.Module) -> None:
                 if step % config.measure_every:
@@ -458,6 +490,7 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
                 loss = F.cross_entropy(net_copy(x_probe), y_probe)
                 ws = [w for _, w in _linear_weights(net_copy)]
                 gnorms.append([g.norm().item() for g in torch.autograd.grad(loss, ws)])
+                lower.append(lower_layer_step(net, x_probe, y_probe, config.lr))
                 steps.append(step)
                 l2s.append(l2)
                 coss.append(cos)
@@ -467,7 +500,10 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
                                          eval_every=config.measure_every, seed=seed),
                 callback=callback,
             )
-            runs.append(ICSRun(norm, seed, history, np.array(steps), np.array(l2s), np.array(coss), np.array(gnorms)))
+            runs.append(
+                ICSRun(norm, seed, history, np.array(steps), np.array(l2s), np.array(coss), np.array(gnorms),
+                       np.array(lower))
+            )
     return runs
 
 
