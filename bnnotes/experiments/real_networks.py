@@ -329,7 +329,7 @@ def stream_mean_square(blocks: Sequence[nn.Module], x: Tensor) -> np.ndarray:
     """The mean square of the residual stream after each block: (len(blocks) + 1,), entry 0 the input's.
 
     x: (N, width). The mean square E[h^2] over the batch and the features is the variance of the stream's entries
-    over inputs AND random initializations (De & Smith, 2020, Section 2); it also counts the per-feature offsets that
+    over inputs AND random initializations (De & Smith, 2020); it also counts the per-feature offsets that
     a fixed initialization gives each unit. The blocks run in training mode (batch statistics), as at the first step.
     """
     mean_squares = [float(x.pow(2).mean())]
@@ -424,7 +424,7 @@ def dropout_variance_shift(p: float = 0.5, mean: float = 1.0, std: float = 1.0, 
     """Dropout(p) -> BN: the variance BN learns in training against the variance it sees at inference.
 
     Inputs a ~ N(mean, std^2) per feature. In training, inverted dropout keeps a with probability 1 - p and scales it
-    by 1 / (1 - p), so its variance is (std^2 + mean^2) / (1 - p) - mean^2 (Li et al., 2019, Section 3); at inference
+    by 1 / (1 - p), so its variance is (std^2 + mean^2) / (1 - p) - mean^2 (Li et al., 2019); at inference
     dropout is the identity, and the variance is std^2. BN's running variance records the first.
     Returns the predicted and measured ratios var_inference / running_var (median over features), and the measured
     standard deviation of BN's output at inference (1 if there were no shift).
@@ -478,7 +478,7 @@ def precise_bn(model: nn.Module, x: Tensor, batch_size: int = 60) -> nn.Module:
     """A copy of `model` whose BN running statistics are recomputed for its current weights ("precise BN").
 
     Every BN layer's running statistics are reset and replaced by the cumulative average (momentum None) over
-    consecutive batches of x (N, ...), the whole training split in practice (Izmailov et al., 2018, Section 3.2;
+    consecutive batches of x (N, ...), the whole training split in practice (Izmailov et al., 2018;
     Wu & Johnson, 2021). Everything but BN runs in eval mode meanwhile, so that dropout is off, as at inference
     (the repair Li et al., 2019 discuss for dropout before BN). The input model is not changed. Returns the copy,
     in eval mode.
