@@ -988,7 +988,8 @@ def check_layer_norm(fn: Callable[..., np.ndarray]) -> None:
         # Rows with their own offsets and scales: per-row and per-column statistics differ clearly.
         x = (_rng_features(rng, *shape) + rng.uniform(-3.0, 3.0, size=(shape[0], 1))).astype(dtype)
         gamma, beta = (v.astype(dtype) for v in _rng_affine(rng, shape[1]))
-        case = _Case(checker, index, len(specs), f"x.shape={shape}, dtype={np.dtype(dtype).name}, seed={seed}, eps={eps}")
+        description = f"x.shape={shape}, dtype={np.dtype(dtype).name}, seed={seed}, eps={eps}"
+        case = _Case(checker, index, len(specs), description)
         expected = numpy_norms.layer_norm(x, gamma, beta, eps)[0]
         try:
             out = fn(*(np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in (x, gamma, beta, eps)))

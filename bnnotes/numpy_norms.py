@@ -3,8 +3,8 @@
 Every normalizer here computes ``x_hat = (x - mean) / sqrt(var + eps)`` (RMSNorm: ``x / sqrt(mean(x^2) + eps)``) and
 differs from batch normalization only in the set of values the statistics are taken over:
 
-- `layer_norm` (Ba et al., 2016): the trailing ``gamma.ndim`` axes of each example, as ``torch.nn.functional.layer_norm``
-  with ``normalized_shape = gamma.shape``;
+- `layer_norm` (Ba et al., 2016): the trailing ``gamma.ndim`` axes of each example, as
+  ``torch.nn.functional.layer_norm`` with ``normalized_shape = gamma.shape``;
 - `rms_norm` (Zhang & Sennrich, 2019): the same axes, without centring, as ``torch.nn.functional.rms_norm``;
 - `group_norm` (Wu & He, 2018): for x of shape (N, C, *spatial), each example's channels split into `num_groups`
   groups of C / num_groups consecutive channels, each group over all its channels and positions;
@@ -117,7 +117,9 @@ def _check_normalized_shape(x: np.ndarray, gamma: Any, layer: str) -> tuple[int,
     normalized_shape = np.shape(gamma)
     k = len(normalized_shape)
     if k == 0:
-        raise ValueError(f"{layer}: gamma must have at least 1 dimension (normalized_shape = gamma.shape), got a scalar")
+        raise ValueError(
+            f"{layer}: gamma must have at least 1 dimension (normalized_shape = gamma.shape), got a 0-d gamma"
+        )
     if x.ndim < k or x.shape[x.ndim - k :] != normalized_shape:
         raise ValueError(
             f"{layer} normalizes over the trailing gamma.shape={normalized_shape} axes of x, but x.shape={x.shape} "
@@ -238,7 +240,9 @@ def _check_num_groups(num_groups: Any, channels: int) -> int:
     return int(num_groups)
 
 
-def _group_norm(x: np.ndarray, num_groups: int, gamma: np.ndarray, beta: np.ndarray, eps: float) -> tuple[np.ndarray, Cache]:
+def _group_norm(
+    x: np.ndarray, num_groups: int, gamma: np.ndarray, beta: np.ndarray, eps: float
+) -> tuple[np.ndarray, Cache]:
     n = x.shape[0]
     rows = x.astype(np.float64).reshape(n * num_groups, -1)  # one row per (example, group): C/G channels x positions
     x_hat_rows, inv_std = _standardize_rows(rows, eps)

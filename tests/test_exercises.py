@@ -833,8 +833,8 @@ LAYER_NORM_MISTAKES = [
     (lambda x, g, b, eps: _ln(x, g, b, eps, ddof=1), "UNBIASED variance"),
     (lambda x, g, b, eps: _ln(x, g, b, eps, eps_outside=True), "eps belongs INSIDE the square root"),
     (lambda x, g, b, eps: _ln(x, g, b, eps, center=False), "forgetting to centre"),
-    (lambda x, g, b, eps: (g * x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + eps) + b).astype(x.dtype),
-     "RMSNorm"),
+    (lambda x, g, b, eps: (g * x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + eps) + b)
+     .astype(x.dtype), "RMSNorm"),
     (lambda x, g, b, eps: _ln(x, g, b, 0.0), "without eps"),
     (lambda x, g, b, eps: (b * (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + eps) + g),
      "gamma scales, beta shifts"),

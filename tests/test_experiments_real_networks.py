@@ -146,3 +146,23 @@ def test_swa_average_and_pruning():
     assert 0.69 <= zero_fraction <= 0.75 and float((a[0].weight == 0).float().mean()) == 0.0
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\)"):
         rn.magnitude_prune(a, 1.0)
+
+
+def test_variance_shift_in_a_network_with_dropout_before_bn():
+    model = rn.dropout_before_bn_mlp(p=0.5, hidden=(20, 20), seed=0)
+    assert [type(m).__name__ for m in model][:4] == ["Linear", "Dropout", "BatchNorm1d", "ReLU"]
+    x = load_digits().x_train
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for start in range(0, 600, 60):  # training-mode forwards fill the running statistics through dropout
+            model(x[start : start + 60])
+    shift = rn.variance_shift_in(model, x)
+    assert 0.3 < shift["predicted"] < 0.7 and shift["measured"] < 0.8
+    assert model.training  # the mode is restored
+    with pytest.raises(ValueError, match="Dropout directly followed by a BN"):
+        rn.variance_shift_in(nn.Sequential(nn.Linear(64, 3)), x)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        rn.dropout_before_bn_mlp(p=-0.1)
+    a, b = rn.dropout_before_bn_mlp(seed=3), rn.dropout_before_bn_mlp(seed=3)
+    assert all(torch.equal(u, v) for u, v in zip(a.parameters(), b.parameters()))

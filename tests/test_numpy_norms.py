@@ -1,4 +1,4 @@
-"""Tests of bnnotes.numpy_norms: outputs and every gradient against PyTorch's own functionals in float64, and bad input."""
+"""Tests of bnnotes.numpy_norms: outputs and all gradients against PyTorch's functionals in float64, and bad input."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
   what follows from it (`family_properties`: dependence on the batch, batch size 1, training versus inference).
 - A small convolutional network on upsampled digits (`load_digit_images`, `convnet`), with the course's training loop.
 - Residual networks at initialization: the variance of the residual stream with depth (`residual_mlp`,
-  `stream_mean_square`; De & Smith, 2020), and zero-initialized gamma in the last BN of each branch (Goyal et al., 2017).
+  `stream_mean_square`; De & Smith, 2020), and zero-initialized gamma in the last BN of each branch
+  (Goyal et al., 2017).
 - Why sequence models normalize per token: BN's statistics over padded batches (`padding_experiment`), and pre-LN
   against post-LN stacks (`ln_stream_mean_square`).
 - Dropout before BN: the variance shift (Li et al., 2019; `dropout_variance_shift`).
@@ -47,6 +48,8 @@ __all__ = [
     "padding_experiment",
     "ln_stream_mean_square",
     "dropout_variance_shift",
+    "dropout_before_bn_mlp",
+    "variance_shift_in",
     "is_batch_norm",
     "precise_bn",
     "swa_average",
@@ -386,7 +389,7 @@ def padding_experiment(
 
 
 def ln_stream_mean_square(depth: int = 24, width: int = 64, n: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
-    """The residual stream's mean square (see `stream_mean_square`) with depth at initialization in a pre-LN and a post-LN stack.
+    """The residual stream's mean square (see `stream_mean_square`) with depth, at initialization, pre-LN and post-LN.
 
     Each block's branch is Linear -> ReLU -> Linear (He-normal weights, no bias), the feed-forward half of a
     transformer layer. Pre-LN: h + f(LN(h)); post-LN: LN(h + f(h)) (Xiong et al., 2020).
@@ -455,6 +458,52 @@ def dropout_variance_shift(p: float = 0.5, mean: float = 1.0, std: float = 1.0, 
         "predicted_ratio": std**2 / train_var,
         "measured_ratio": measured,
         "eval_output_std": float(y.std(dim=0).median()),
+    }
+
+
+def dropout_before_bn_mlp(p: float = 0.5, hidden: Sequence[int] = (100, 100, 100), seed: int = 0) -> nn.Sequential:
+    """``[Linear -> Dropout(p) -> BN -> ReLU] * len(hidden) -> Linear`` for the 64-pixel digits: dropout before BN.
+
+    The initialization is PyTorch's default, drawn under ``torch.manual_seed(seed)`` inside a forked RNG state (the
+    global generator is left as it was). Dropout itself draws from the global generator during training.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        width_in = 64
+        for width in hidden:
+            layers += [nn.Linear(width_in, width, bias=False), nn.Dropout(p), make_norm("bn", width), nn.ReLU()]
+            width_in = width
+        layers.append(nn.Linear(width_in, 10))
+        return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def variance_shift_in(model: nn.Sequential, x: Tensor) -> dict[str, float]:
+    """The variance shift at the last ``Dropout -> BN`` pair of a trained `model`, measured on inputs x at inference.
+
+    measured: the median over units of (variance of BN's input at inference) / (BN's running variance).
+    predicted: the median over units of eq. (Li et al., 2019) sigma^2 / ((sigma^2 + mu^2) / (1 - p) - mu^2), with mu and
+    sigma^2 the unit's mean and variance at inference (dropout off).
+    """
+    pairs = [i for i in range(len(model) - 1) if isinstance(model[i], nn.Dropout) and is_batch_norm(model[i + 1])]
+    if not pairs:
+        raise ValueError("variance_shift_in needs a model with a Dropout directly followed by a BN layer")
+    index = pairs[-1]
+    dropout, bn = model[index], model[index + 1]
+    was_training = model.training
+    model.eval()
+    h = x
+    for layer in list(model)[:index]:
+        h = layer(h)  # the input of the dropout layer; at inference, also the input of BN
+    model.train(was_training)
+    mean, var = h.mean(dim=0), h.var(dim=0)
+    train_var = (var + mean**2) / (1.0 - dropout.p) - mean**2
+    return {
+        "measured": float(torch.median(var / bn.running_var)),
+        "predicted": float(torch.median(var / train_var)),
     }
 
 
