@@ -807,3 +807,134 @@ def test_projection_names_each_mistake(wrong, hint):
 
 def test_projection_rejects_garbage():
     fails_with(exercises.check_gradient_projection, lambda g, xh: garbage(g))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# check_layer_norm
+
+
+def right_layer_norm(x, gamma, beta, eps):
+    mean = x.mean(axis=1, keepdims=True)
+    var = x.var(axis=1, keepdims=True)
+    return gamma * (x - mean) / np.sqrt(var + eps) + beta
+
+
+def _ln(x, gamma, beta, eps, axis=1, ddof=0, eps_outside=False, center=True):
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=axis, keepdims=True)
+    var = x64.var(axis=axis, ddof=ddof, keepdims=True)
+    numerator = x64 - mean if center else x64
+    x_hat = numerator / (np.sqrt(var) + eps) if eps_outside else numerator / np.sqrt(var + eps)
+    return (gamma * x_hat + beta).astype(x.dtype)
+
+
+LAYER_NORM_MISTAKES = [
+    (lambda x, g, b, eps: _ln(x, g, b, eps, axis=0), "BATCH axis"),
+    (lambda x, g, b, eps: _ln(x, g, b, eps, ddof=1), "UNBIASED variance"),
+    (lambda x, g, b, eps: _ln(x, g, b, eps, eps_outside=True), "eps belongs INSIDE the square root"),
+    (lambda x, g, b, eps: _ln(x, g, b, eps, center=False), "forgetting to centre"),
+    (lambda x, g, b, eps: (g * x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + eps) + b)
+     .astype(x.dtype), "RMSNorm"),
+    (lambda x, g, b, eps: _ln(x, g, b, 0.0), "without eps"),
+    (lambda x, g, b, eps: (b * (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + eps) + g),
+     "gamma scales, beta shifts"),
+]
+
+
+def test_layer_norm_accepts_right_answers(capsys):
+    passes(exercises.check_layer_norm, right_layer_norm, capsys)
+
+    def via_reference(x, gamma, beta, eps):
+        from bnnotes import numpy_norms
+
+        return numpy_norms.layer_norm(x, gamma, beta, eps)[0]
+
+    passes(exercises.check_layer_norm, via_reference, capsys)
+
+
+@pytest.mark.parametrize("wrong, hint", LAYER_NORM_MISTAKES)
+def test_layer_norm_names_each_mistake(wrong, hint):
+    fails_with(exercises.check_layer_norm, wrong, hint)
+
+
+def test_layer_norm_rejects_garbage_and_wrong_shapes():
+    fails_with(exercises.check_layer_norm, lambda x, g, b, eps: garbage(x))
+    fails_with(exercises.check_layer_norm, lambda x, g, b, eps: right_layer_norm(x, g, b, eps)[:, :1], "shape")
+    fails_with(exercises.check_layer_norm, lambda x, g, b, eps: right_layer_norm(x, g, b, eps).astype(np.float32))
+
+
+def test_layer_norm_treats_a_stub_as_not_attempted(capsys):
+    def stub(x, gamma, beta, eps):
+        raise NotImplementedError("Hint: the statistics are per ROW")
+
+    for fn in (stub, lambda x, gamma, beta, eps: None):
+        exercises.check_layer_norm(fn)  # must not raise
+        out = capsys.readouterr().out
+        assert "not attempted yet" in out, out
+
+
+def test_layer_norm_reports_an_exception_as_an_assertion():
+    def broken(x, gamma, beta, eps):
+        return x.mean(axis=1) + gamma  # (N,) + (D,): a broadcasting error
+
+    fails_with(exercises.check_layer_norm, broken, "keepdims=True")
+
+
+def test_layer_norm_refuses_a_non_callable():
+    with pytest.raises(TypeError, match="expects your function"):
+        exercises.check_layer_norm(np.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# check_residual_variance
+
+
+def test_residual_variance_accepts_the_right_prediction(capsys):
+    exercises.check_residual_variance(256.0, 9.0, depth=8)
+    exercises.check_residual_variance(2**4, 5, depth=4)
+    out = capsys.readouterr().out
+    assert out.count("both predictions are right") == 2, out
+
+
+@pytest.mark.parametrize(
+    "plain, bn, hint",
+    [
+        (9.0, 9.0, "that is the BN answer"),
+        (3.0**8, 9.0, "preserve the mean square"),
+        (256.0, 1.0, "BN normalizes the branch, not the stream"),
+        (256.0, 256.0, "no longer follows the stream"),
+        (256.0, 8.0, "the input's own mean square"),
+        (100.0, 50.0, "predicted_plain"),
+    ],
+)
+def test_residual_variance_names_each_mistake(plain, bn, hint):
+    with pytest.raises(AssertionError, match="is off") as failure:
+        exercises.check_residual_variance(plain, bn, depth=8)
+    assert hint in str(failure.value), str(failure.value)
+
+
+def test_residual_variance_stub_and_garbage(capsys):
+    exercises.check_residual_variance(None, None)
+    assert "not attempted yet" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="finite number"):
+        exercises.check_residual_variance("256", 9.0)
+
+
+def test_residual_variance_prediction_matches_the_measurement():
+    """The checker's answers are what the experiment measures: BN's for every initialization, the plain network's on
+    average over initializations (a product of 8 random factors fluctuates by up to 2x from one to the next)."""
+    import torch
+
+    from bnnotes.experiments import real_networks
+
+    x = torch.randn(512, 256, generator=torch.Generator().manual_seed(2))
+
+    def measured(norm, seed):
+        model = real_networks.residual_mlp(width=256, depth=8, norm=norm, seed=seed)
+        return float(real_networks.stream_mean_square(model.blocks, x)[-1])
+
+    plain = [measured("none", seed) for seed in range(8)]
+    for seed in range(3):
+        exercises.check_residual_variance(256.0, measured("bn", seed), depth=8)
+    assert abs(np.mean(plain) / 256.0 - 1) < 0.3, plain
+    assert all(abs(np.log2(v) - 8) < 1.5 for v in plain), plain

@@ -146,12 +146,15 @@ def test_first_code_cell_installs_bnnotes_on_colab_only(source: Path) -> None:
 
 @pytest.mark.parametrize("source", CHAPTERS, ids=IDS)
 def test_chapter_ends_with_labelled_exercises(source: Path) -> None:
-    text = source.read_text(encoding="utf-8")
-    labels = re.findall(r"^\((ex-[\w-]+)\)=\s*$", text, re.M)
+    # A label is a MyST target line (ex-...)= or, in the sphinx-exercise convention, an exercise's :label: ex-...
+    pattern = r"^(?:\((ex-[\w-]+)\)=|:label: (ex-[\w-]+))\s*$"
+
+    def exercise_labels(text: str) -> list[str]:
+        return [target or option for target, option in re.findall(pattern, text, re.M)]
+
+    labels = exercise_labels(source.read_text(encoding="utf-8"))
     assert labels, f"{source.name} has no exercise: give each one a label (ex-<chapter>-<name>)= for the exercises page"
-    everywhere = [
-        label for other in CHAPTERS for label in re.findall(r"^\((ex-[\w-]+)\)=\s*$", other.read_text(), re.M)
-    ]
+    everywhere = [label for other in CHAPTERS for label in exercise_labels(other.read_text())]
     duplicated = sorted({label for label in labels if everywhere.count(label) > 1})
     assert not duplicated, f"exercise labels used twice in the book: {duplicated}"
 

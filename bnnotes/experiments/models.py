@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["make_norm", "mlp", "hidden_linears", "NORMS", "ACTIVATIONS"]
+__all__ = ["make_norm", "mlp", "hidden_linears", "NORMS", "SPATIAL_NORMS", "ACTIVATIONS"]
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -38,22 +38,57 @@ def _groupnorm(width: int) -> nn.Module:
     return nn.GroupNorm(groups, width)
 
 
+def _batchnorm2d(channels: int) -> nn.Module:
+    from bnnotes.torch_bn import BatchNorm2d
+
+    return BatchNorm2d(channels)
+
+
+def _groupnorm_channels(channels: int) -> nn.Module:
+    # Wu & He (2018) use 32 groups; our convnets are narrow, so 4 channels per group as far as the width allows.
+    return nn.GroupNorm(max(1, channels // 4) if channels % 4 == 0 else 1, channels)
+
+
+# Features (N, width): the normalizers of the fully connected networks.
 NORMS: dict[str, NormFactory] = {
     "none": lambda width: nn.Identity(),
     "bn": _batchnorm,
     "brn": _batchrenorm,
     "ln": lambda width: nn.LayerNorm(width),
     "gn": _groupnorm,
+    "rms": lambda width: nn.RMSNorm(width),
+}
+
+# Feature maps (N, C, H, W): the same names for convolutional networks. LayerNorm normalizes each example over
+# (C, H, W), which is GroupNorm with one group; InstanceNorm over (H, W) per channel; RMSNorm has no standard 2-D form.
+SPATIAL_NORMS: dict[str, NormFactory] = {
+    "none": lambda channels: nn.Identity(),
+    "bn": _batchnorm2d,
+    "ln": lambda channels: nn.GroupNorm(1, channels),
+    "gn": _groupnorm_channels,
+    "in": lambda channels: nn.InstanceNorm2d(channels, affine=True),
 }
 
 
-def make_norm(norm: str | NormFactory, width: int) -> nn.Module:
-    """A normalization layer for `width` features: one of `NORMS` by name, or any factory ``width -> nn.Module``."""
+def make_norm(norm: str | NormFactory, width: int, spatial: bool = False) -> nn.Module:
+    """A normalization layer for `width` features: one of `NORMS` by name, or any factory ``width -> nn.Module``.
+
+    spatial: the layer follows a 2-D convolution, so it sees (N, width, H, W) feature maps: the name is looked up in
+    `SPATIAL_NORMS` (``"bn"`` is then a BatchNorm2d, ``"ln"`` normalizes over (C, H, W)).
+
+    >>> type(make_norm("bn", 8, spatial=True)).__name__, type(make_norm("gn", 8, spatial=True)).__name__
+    ('BatchNorm2d', 'GroupNorm')
+    """
     if callable(norm):
         return norm(width)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {sorted(NORMS)} or a callable width -> nn.Module, got {norm!r}")
-    return NORMS[norm](width)
+    registry = SPATIAL_NORMS if spatial else NORMS
+    if norm not in registry:
+        kind = "feature-map (spatial=True)" if spatial else "feature"
+        raise ValueError(
+            f"norm must be one of the {kind} normalizers {sorted(registry)} or a callable width -> nn.Module, "
+            f"got {norm!r}"
+        )
+    return registry[norm](width)
 
 
 def mlp(
