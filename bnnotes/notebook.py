@@ -24,6 +24,10 @@ def glue(name: str, value: Any) -> Any:
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"glue needs a name that is a Python identifier, got {name!r}")
+    # myst-nb applies a format spec (`{glue:text}`name:.2f``) to the stored text/plain repr; numpy 2 writes
+    # `np.float64(0.5)` there, which it cannot parse back, so numpy and 0-d torch scalars are stored as Python numbers.
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
     if os.environ.get("BNNOTES_SHOW_GLUE"):
         print(f"{name} = {value!r}")
     try:
