@@ -197,7 +197,14 @@ def _batch_mean_var(x: Tensor, dims: list[int], compute: torch.dtype) -> tuple[T
 
 
 def _per_channel_affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
-    """out = x * scale + shift with (C,) scale and shift, written into `out` (x's shape, the compute dtype)."""
+    """out = x * scale + shift with (C,) scale and shift, written into `out` (x's shape, the compute dtype).
+
+    Traced or transformed (see `_plain`), `out` is left alone and a new tensor returned: autograd tracing (torch.export)
+    refuses ``out=``.
+    """
+    if not _plain(x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.to(out.dtype).view(shape), x, scale.to(out.dtype).view(shape))
     if scale.dtype != out.dtype or shift.dtype != out.dtype:
         scale, shift = scale.to(out.dtype), shift.to(out.dtype)
     if x.dim() == 2:
@@ -318,26 +325,24 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, x_dot: Tensor | None, weight_dot: Tensor | None, bias_dot: Tensor | None, _eps_dot: Any):
         """Forward mode: y_dot = weight * x_hat_dot + weight_dot * x_hat + bias_dot, with the tangent of x_hat
-        x_hat_dot = inv_std * (x_dot - mean(x_dot) - x_hat * mean(x_dot * x_hat)) (the transpose of the backward's
-        projection). The statistics' tangents are mean(x_dot) and 2 * mean(x_dot * (x - mean))."""
+        x_hat_dot = inv_std * (x_dot - mean(x_dot) - x_hat * mean(x_dot * x_hat)) (the same projection as the
+        backward's). The statistics are non-differentiable outputs: no tangent."""
         x, batch_mean, inv_std, weight = ctx.saved_tensors
         dims, shape = _reduction_dims(x.dim()), (1, -1) + (1,) * (x.dim() - 2)
         compute = batch_mean.dtype
         x_hat = (x.to(compute) - batch_mean.view(shape)) * inv_std.view(shape)
         y_dot = torch.zeros_like(x_hat)
-        mean_dot = var_dot = torch.zeros_like(batch_mean)
         if x_dot is not None:
             x_dot = x_dot.to(compute)
-            mean_dot = x_dot.mean(dim=dims)
-            x_hat_dot_mean = (x_dot * x_hat).mean(dim=dims)
-            var_dot = 2 * x_hat_dot_mean / inv_std
-            x_hat_dot = inv_std.view(shape) * (x_dot - mean_dot.view(shape) - x_hat * x_hat_dot_mean.view(shape))
+            x_hat_dot = inv_std.view(shape) * (
+                x_dot - x_dot.mean(dim=dims, keepdim=True) - x_hat * (x_dot * x_hat).mean(dim=dims, keepdim=True)
+            )
             y_dot = x_hat_dot if weight is None else x_hat_dot * weight.to(compute).view(shape)
         if weight_dot is not None:
             y_dot = y_dot + x_hat * weight_dot.to(compute).view(shape)
         if bias_dot is not None:
             y_dot = y_dot + bias_dot.to(compute).view(shape)
-        return y_dot.to(x.dtype), mean_dot, var_dot
+        return y_dot.to(x.dtype), None, None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
@@ -363,6 +368,13 @@ class BatchNormFunction(torch.autograd.Function):
         outputs = (y.view((n, batch, channels) + spatial), batch_mean.view(batch, channels),
                    batch_var.view(batch, channels))
         return outputs, (1, 0, 0)
+
+
+class _TracedBatchNormFunction(BatchNormFunction):
+    """`BatchNormFunction` as torch.compile and torch.export see it: Dynamo cannot trace a custom ``jvp`` (it graph-
+    breaks on one), so this variant has torch's default. Everything else, the backward included, is the same code."""
+
+    jvp = staticmethod(torch.autograd.Function.jvp)
 
 
 def _affine_inference(
@@ -432,7 +444,8 @@ def batch_norm(
             f"momentum must be a float, got {type(momentum).__name__} (the modules turn momentum=None into the "
             f"cumulative weight 1/num_batches_tracked before calling batch_norm)"
         )
-    y, batch_mean, batch_var = BatchNormFunction.apply(input, weight, bias, eps)
+    function = _TracedBatchNormFunction if torch.compiler.is_compiling() else BatchNormFunction
+    y, batch_mean, batch_var = function.apply(input, weight, bias, eps)
     with torch.no_grad():
         # running = (1 - momentum) * running + momentum * batch, i.e. a linear interpolation towards the batch.
         if running_mean is not None:
