@@ -423,8 +423,8 @@ def batch_norm(
     >>> batch_norm(x, None, None, training=True, eps=0.0).flatten().tolist()
     [-1.0, 1.0]
     """
+    _check_eps(eps, training)  # first, as torch checks it before the kernel's dtype checks
     _check_input(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    _check_eps(eps, training)
     if input.dim() < 2:  # an empty 1-D input (the only 1-D input accepted): an empty output, as torch's
         return input.clone()
     if not training:
@@ -705,6 +705,25 @@ def to_torch_batchnorm(module: nn.Module) -> nn.Module:
     True
     """
     return _swap(module, _TO_TORCH)
+
+
+def _register_quantization_fusion() -> None:
+    """Let ``torch.ao.quantization.fuse_modules`` fold bnnotes' BN into a preceding Conv/Linear as it does torch's.
+
+    torch looks fusers up by exact module types, so each of its patterns with ``nn.BatchNormNd`` gets a twin with
+    bnnotes' class (only added, nothing of torch's changed). Eval-mode (post-training) fusion then works; QAT fusion
+    (``fuse_modules_qat``) builds torch's intrinsic ConvBn modules, which accept torch's exact BN types only: convert
+    with `to_torch_batchnorm` first.
+    """
+    from torch.ao.quantization import fuser_method_mappings
+
+    table = fuser_method_mappings._DEFAULT_OP_LIST_TO_FUSER_METHOD
+    for pattern, fuser in list(table.items()):
+        if any(t in _TO_BNNOTES for t in pattern):
+            table.setdefault(tuple(_TO_BNNOTES.get(t, t) for t in pattern), fuser)
+
+
+_register_quantization_fusion()
 
 
 # Layers that live in their own modules but are part of torch_bn's public face. Imported on first access, because
