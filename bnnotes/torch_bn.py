@@ -170,10 +170,15 @@ def _channel_sum(t: Tensor, dims: list[int]) -> Tensor:
     """Per-channel sum of t (N, C, *spatial) over `dims`. Returns (C,).
 
     For a contiguous (N, C) CPU tensor the column sums are taken as a matrix-vector product with a vector of ones:
-    BLAS does that about 2.5x faster than torch's strided reduction over dim 0.
+    BLAS does that about 2.5x faster than torch's strided reduction over dim 0. For a contiguous (N, C, *spatial) CPU
+    tensor, each of the N * C rows is summed over its contiguous spatial positions first, then the N partial sums of
+    each channel: measured 1.1x to 2x faster than one reduction over dims (0, 2, ...).
     """
-    if t.dim() == 2 and t.is_cpu and t.is_contiguous():
-        return torch.mv(t.t(), torch.ones(t.shape[0], dtype=t.dtype))
+    if t.is_cpu and t.is_contiguous():
+        if t.dim() == 2:
+            return torch.mv(t.t(), torch.ones(t.shape[0], dtype=t.dtype))
+        n, channels = t.shape[0], t.shape[1]
+        return t.view(n * channels, -1).sum(dim=1).view(n, channels).sum(dim=0)
     return t.sum(dim=dims)
 
 
@@ -187,7 +192,7 @@ def _batch_mean_var(x: Tensor, dims: list[int], compute: torch.dtype) -> tuple[T
     """
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if x.dtype == compute:
-        batch_mean = torch.mean(x, dim=dims)
+        batch_mean = _channel_sum(x, dims) / (x.numel() // x.shape[1])
         # (x - mean)^2 in a single pass: the elementwise squared error of mse_loss.
         scratch = F.mse_loss(x, batch_mean.view(shape).expand_as(x), reduction="none")
     else:  # half precision: the deviations are formed in float32
