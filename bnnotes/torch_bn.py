@@ -425,7 +425,7 @@ def batch_norm(
     Returns a tensor with input's shape and dtype (float16/bfloat16 are computed in float32).
 
     >>> x = torch.tensor([[1.0], [3.0]])
-    >>> batch_norm(x, None, None, training=True, eps=0.0).flatten().tolist()
+    >>> batch_norm(x, None, None, training=True, eps=1e-12).flatten().tolist()
     [-1.0, 1.0]
     """
     _check_eps(eps, training)  # first, as torch checks it before the kernel's dtype checks
