@@ -1,11 +1,14 @@
 """Batch normalization in PyTorch with a hand-written backward, on any device.
 
-`batch_norm` has the signature and semantics of ``torch.nn.functional.batch_norm``; `BatchNorm1d`, `BatchNorm2d` and
-`BatchNorm3d` are drop-in replacements for torch.nn's, with the same constructor arguments, buffers, ``state_dict``
-keys and train/eval behaviour; `convert_batchnorm` and `to_torch_batchnorm` swap them in a model, both ways. The
-gradient is the closed form derived in the course (`BatchNormFunction`, an ``autograd.Function``; double backward
-works too), not autograd over composed ops, and PyTorch's own BN kernels are never called here: they are the
-reference in the tests and the benchmark (``python -m bnnotes.bench``) only.
+`batch_norm` has the signature, semantics and argument checks (eps, dtypes) of ``torch.nn.functional.batch_norm``;
+`BatchNorm1d`, `BatchNorm2d` and `BatchNorm3d` *are* torch.nn's classes (subclasses that replace only the computation),
+so constructor, buffers, ``state_dict``, ``repr`` and ``isinstance`` are torch's, and torch's tools
+(``convert_sync_batchnorm``, quantization fusion, "freeze BN" helpers) recognise them; `convert_batchnorm` and
+`to_torch_batchnorm` swap them in a model, both ways. The gradient is the closed form derived in the course
+(`BatchNormFunction`, an ``autograd.Function``; double backward, forward-mode AD, vmap and torch.func work too), not
+autograd over composed ops, and PyTorch's own BN kernels are never called here: they are the reference in the tests
+(which include PyTorch's own module and operator test data, ``tests/test_torch_upstream.py``) and the benchmark
+(``python -m bnnotes.bench``) only. `RunningStatsNorm` is the shared state of the variants below.
 
 The same code runs on CPU, CUDA and MPS tensors. float16 and bfloat16 inputs are normalized with float32 statistics
 and returned in their own dtype.
