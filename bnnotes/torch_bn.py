@@ -21,6 +21,7 @@ The variants that live in modules of their own are importable from here as well 
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any
 
@@ -103,8 +104,8 @@ def _check_input(input: Tensor, **vectors: Tensor | None) -> None:
 
 def _check_eps(eps: Any, training: bool) -> None:
     """torch's rule: eps > 0 when normalizing with batch statistics, eps >= 0 with fixed ones."""
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if training and not eps > 0.0:
         raise ValueError(f"batch_norm eps must be positive during training (a batch may have zero variance), got {eps}")
     if not eps >= 0.0:
@@ -447,7 +448,7 @@ def batch_norm(
         # An empty batch has no statistics: like torch, return an empty output and leave the buffers alone.
         ones = torch.ones(input.shape[1], dtype=_compute_dtype(input), device=input.device)
         return _affine_inference(input, torch.zeros_like(ones), ones, weight, bias)
-    if not isinstance(momentum, (float, int)) or isinstance(momentum, bool):
+    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
         raise TypeError(
             f"momentum must be a float, got {type(momentum).__name__} (the modules turn momentum=None into the "
             f"cumulative weight 1/num_batches_tracked before calling batch_norm)"

@@ -455,6 +455,11 @@ def test_eps_is_validated_like_torch():
                                F.batch_norm(x, torch.zeros(3), torch.ones(3), eps=0.0))
     with pytest.raises(ValueError, match="eps must be positive during training"):
         BatchNorm1d(3, eps=0.0)(x)
+    # numpy scalars are numbers as well
+    torch.testing.assert_close(batch_norm(x, None, None, training=True, eps=np.float32(1e-3), momentum=np.float32(0.5)),
+                               F.batch_norm(x, None, None, training=True, eps=1e-3))
+    with pytest.raises(TypeError, match="eps must be a real number, got str"):
+        batch_norm(x, None, None, training=True, eps="1e-5")
 
 
 def test_dtype_mismatch_raises_like_torch():
