@@ -156,9 +156,10 @@ def _step_momentum(momentum: float | None, num_batches_tracked: Tensor | None, t
 
 
 def _plain(*tensors: Tensor) -> bool:
-    """True when in-place scratch arithmetic is safe: eager, with no vmap or torch.func wrapper around the tensors.
+    """True when in-place scratch arithmetic is safe: eager, autograd not recording, no vmap or torch.func wrapper.
 
-    Under vmap (``is_grads_batched``, ``torch.func.vmap``) an in-place op into a tensor computed from unbatched
+    While autograd records (a ``create_graph=True`` backward, or the forward as torch.export traces it), ``out=`` and
+    in-place writes would break the graph. Under vmap (``is_grads_batched``, ``torch.func.vmap``) an in-place op into a tensor computed from unbatched
     values only cannot take a batched operand; under torch.func the wrappers must see out-of-place ops. The checks
     are functorch internals, so they are not even evaluated while torch.compile traces.
     """
