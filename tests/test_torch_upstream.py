@@ -174,7 +174,9 @@ def test_every_op_db_sample_passes_gradcheck_with_forward_mode_and_batched_grads
 
 @pytest.mark.parametrize("op", BATCH_NORM_OPS, ids=lambda op: op.variant_test_name or "default")
 def test_op_db_error_inputs_raise_as_torch(op):
-    for error in op.error_inputs("cpu") if op.error_inputs_func else []:
+    if op.error_inputs_func is None:  # torch 2.13 ships none for batch_norm; a later torch may
+        pytest.skip(f"torch {torch.__version__} has no op_db error inputs for {op.name}")
+    for error in op.error_inputs("cpu"):
         sample = error.sample_input
         for fn in (batch_norm, F.batch_norm):
             with pytest.raises(error.error_type, match=error.error_regex):
