@@ -140,8 +140,8 @@ class LpBatchNorm1d(RunningStatsNorm):
         mu, s = lp_batch_stats(input, self.p, self.eps, self.centered_norm)
         with torch.no_grad():
             momentum = self._momentum()
-            self.running_mean.lerp_(mu.to(self.running_mean.dtype), momentum)
-            self.running_norm.lerp_(s.to(self.running_norm.dtype), momentum)
+            self.running_mean.mul_(1.0 - momentum).add_(mu.detach(), alpha=momentum)
+            self.running_norm.mul_(1.0 - momentum).add_(s.detach(), alpha=momentum)
         y = (input - mu) / s
         return y * self.weight + self.bias if self.affine else y
 
