@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnnotes.torch_bn import BatchNormFunction, _BatchNorm, _check_input
+from bnnotes.torch_bn import BatchNormFunction, RunningStatsNorm, batch_norm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
 
@@ -51,8 +51,9 @@ def _running_update(running: Tensor, chunk_stats: Tensor, momentum: float | None
     running.mul_((1.0 - momentum) ** k).add_(weights @ chunk_stats)
 
 
-class _GhostBatchNorm(_BatchNorm):
-    """Shared constructor and forward of `GhostBatchNorm1d/2d`: `_BatchNorm` plus ``virtual_batch_size``."""
+class _GhostBatchNorm(RunningStatsNorm):
+    """Shared constructor and forward of `GhostBatchNorm1d/2d`: BN's state (`bnnotes.torch_bn.RunningStatsNorm`) plus
+    ``virtual_batch_size``."""
 
     def __init__(
         self,
@@ -71,11 +72,12 @@ class _GhostBatchNorm(_BatchNorm):
         self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: Tensor) -> Tensor:
+        self._check_forward_input(input)
         if not self.training:
-            return super().forward(input)
-        _check_input(input)
-        self._check_input_dim(input)
-        self._check_num_features(input)
+            # Eval mode is BatchNorm's: the running statistics, or the whole batch's without them.
+            use_batch_stats = self.running_mean is None
+            return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, use_batch_stats,
+                              0.0, self.eps)
         n, channels, spatial = input.shape[0], input.shape[1], tuple(input.shape[2:])
         v = self.virtual_batch_size
         if n % v != 0:
@@ -122,12 +124,8 @@ class GhostBatchNorm1d(_GhostBatchNorm):
     [-1.0, 1.0, -1.0, 1.0]
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(
-                f"GhostBatchNorm1d expected 2-D or 3-D input (N, C) or (N, C, L), got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
+    input_ranks = (2, 3)
+    input_layout = "(N, C) or (N, C, L)"
 
 
 class GhostBatchNorm2d(_GhostBatchNorm):
@@ -137,9 +135,5 @@ class GhostBatchNorm2d(_GhostBatchNorm):
     `GhostBatchNorm1d`.
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(
-                f"GhostBatchNorm2d expected 4-D input (N, C, H, W), got {input.dim()}-D input of shape "
-                f"{tuple(input.shape)}"
-            )
+    input_ranks = (4,)
+    input_layout = "(N, C, H, W)"

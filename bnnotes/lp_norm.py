@@ -28,9 +28,9 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from bnnotes.torch_bn import _check_layer_args, _init_affine, _step_momentum
+from bnnotes.torch_bn import RunningStatsNorm
 
 __all__ = ["lp_batch_norm", "lp_batch_stats", "LpBatchNorm1d"]
 
@@ -89,17 +89,22 @@ def lp_batch_norm(
     return y
 
 
-class LpBatchNorm1d(nn.Module):
+class LpBatchNorm1d(RunningStatsNorm):
     """ℓp batch normalization for (N, C) inputs, with running statistics for eval mode, like ``BatchNorm1d``.
 
     num_features: C. p: 1, 2 or ``math.inf``. eps: see `lp_batch_stats`. momentum: the new batch's weight in
     ``running = (1 - momentum) * running + momentum * batch`` (``None``: cumulative average). affine: learn gamma, beta.
-    centered_norm: take the norm over x - mu instead of x (see the module docstring).
+    centered_norm: take the norm over x - mu instead of x (see the module docstring). State and input checks are
+    `bnnotes.torch_bn.RunningStatsNorm`'s, with buffers ``running_mean`` and ``running_norm``.
 
     >>> layer = LpBatchNorm1d(4, p=1)
     >>> layer(torch.randn(8, 4)).shape
     torch.Size([8, 4])
     """
+
+    running_stats = {"running_mean": 0.0, "running_norm": 1.0}
+    input_ranks = (2,)
+    input_layout = "(N, C)"
 
     def __init__(
         self,
@@ -109,30 +114,24 @@ class LpBatchNorm1d(nn.Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         centered_norm: bool = False,
+        device: Any = None,
+        dtype: Any = None,
     ) -> None:
-        super().__init__()
-        _check_layer_args(num_features, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats=True, device=device, dtype=dtype)
         if eps < 0:
             raise ValueError(f"eps must be non-negative, got {eps!r}")
-        self.num_features = num_features
         self.p = _check_p(p)
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
         self.centered_norm = centered_norm
-        _init_affine(self, num_features, affine)
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_norm", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
-    def forward(self, input: Tensor) -> Tensor:
-        if not isinstance(input, Tensor) or not input.is_floating_point():
-            raise TypeError(f"input must be a floating-point torch.Tensor, got {type(input).__name__}")
-        if input.dim() != 2 or input.shape[1] != self.num_features:
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2:
             raise ValueError(
                 f"LpBatchNorm1d({self.num_features}) expected input of shape (N, {self.num_features}), "
                 f"got {tuple(input.shape)}"
             )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_forward_input(input)
         if not self.training:
             y = (input - self.running_mean) / self.running_norm
             return y * self.weight + self.bias if self.affine else y
@@ -140,7 +139,7 @@ class LpBatchNorm1d(nn.Module):
             raise ValueError(f"training-mode ℓp batch norm needs more than 1 example, got input of shape {tuple(input.shape)}")
         mu, s = lp_batch_stats(input, self.p, self.eps, self.centered_norm)
         with torch.no_grad():
-            momentum = _step_momentum(self.momentum, self.num_batches_tracked, True)
+            momentum = self._momentum()
             self.running_mean.mul_(1.0 - momentum).add_(mu.detach(), alpha=momentum)
             self.running_norm.mul_(1.0 - momentum).add_(s.detach(), alpha=momentum)
         y = (input - mu) / s

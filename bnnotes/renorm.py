@@ -22,20 +22,17 @@ import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bnnotes.torch_bn import (
+    RunningStatsNorm,
     _affine_inference,
     _batch_mean_var,
-    _check_channels,
     _check_input,
-    _check_layer_args,
     _compute_dtype,
-    _init_affine,
     _normalize_backward,
     _per_channel_affine,
     _reduction_dims,
-    _step_momentum,
 )
 
 __all__ = [
@@ -161,13 +158,15 @@ def batch_renorm(
     return y
 
 
-class _BatchRenorm(nn.Module):
-    """Shared state and forward of `BatchRenorm1d/2d`.
+class _BatchRenorm(RunningStatsNorm):
+    """Shared constructor and forward of `BatchRenorm1d/2d` (state and checks: `bnnotes.torch_bn.RunningStatsNorm`).
 
     Parameters ``weight`` (gamma) and ``bias`` (beta) as in torch's BN; buffers ``running_mean`` (0),
     ``running_std`` (1) and ``num_batches_tracked``. ``r_max`` and ``d_max`` are plain attributes: set them between
     steps, e.g. from `renorm_schedule`. momentum=None makes the moving averages cumulative (weight 1/t at step t).
     """
+
+    running_stats = {"running_mean": 0.0, "running_std": 1.0}
 
     def __init__(
         self,
@@ -180,43 +179,15 @@ class _BatchRenorm(nn.Module):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        super().__init__()
-        _check_layer_args(num_features, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats=True, device=device, dtype=dtype)
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps!r}")
         _check_clip_limits(r_max, d_max)
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
         self.r_max = r_max
         self.d_max = d_max
-        self.affine = affine
-        _init_affine(self, num_features, affine, device, dtype)
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-        self.register_buffer("running_std", torch.ones(num_features, **factory))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-
-    def reset_running_stats(self) -> None:
-        self.running_mean.zero_()
-        self.running_std.fill_(1)
-        self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
 
     def forward(self, input: Tensor) -> Tensor:
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        self._check_input_dim(input)
-        _check_channels(self, input)
-        momentum = _step_momentum(self.momentum, self.num_batches_tracked, self.training)
+        self._check_forward_input(input)
         return batch_renorm(
             input,
             self.running_mean,
@@ -224,7 +195,7 @@ class _BatchRenorm(nn.Module):
             self.weight,
             self.bias,
             self.training,
-            momentum,
+            self._momentum(),
             self.eps,
             self.r_max,
             self.d_max,
@@ -245,19 +216,15 @@ class BatchRenorm1d(_BatchRenorm):
     torch.Size([8, 4])
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"BatchRenorm1d expected 2-D or 3-D input (N, C) or (N, C, L), got {input.dim()}-D input "
-                             f"of shape {tuple(input.shape)}")
+    input_ranks = (2, 3)
+    input_layout = "(N, C) or (N, C, L)"
 
 
 class BatchRenorm2d(_BatchRenorm):
     """Batch Renormalization for input (N, C, H, W); the counterpart of ``BatchNorm2d``."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"BatchRenorm2d expected 4-D input (N, C, H, W), got {input.dim()}-D input "
-                             f"of shape {tuple(input.shape)}")
+    input_ranks = (4,)
+    input_layout = "(N, C, H, W)"
 
 
 def renorm_schedule(

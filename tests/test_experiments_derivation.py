@@ -78,7 +78,7 @@ def test_a_bias_before_bn_gets_zero_gradient_only_with_real_bn():
     x = torch.randn(16, 5, dtype=torch.float64)
     dy = torch.randn(16, 3, dtype=torch.float64)
     grads = {}
-    for name, layer in (("bn", torch_bn.BatchNorm1d(3)), ("detached", derivation.DetachedStatsBatchNorm1d(3))):
+    for name, layer in (("bn", torch_bn.BatchNorm1d(3).double()), ("detached", derivation.DetachedStatsBatchNorm1d(3))):
         linear = torch.nn.Linear(5, 3).double()
         torch.manual_seed(1)
         torch.nn.init.normal_(linear.bias)

@@ -176,3 +176,31 @@ def test_one_value_per_channel_per_virtual_batch_is_an_error():
 def test_bad_input(layer, x, error, match):
     with pytest.raises(error, match=match):
         layer(x)
+
+
+def test_the_variants_share_one_base_and_are_not_torch_bn_modules():
+    """Batch Renorm, Ghost BN and lp BN take their state, reset, loading and input checks from RunningStatsNorm."""
+    from bnnotes.lp_norm import LpBatchNorm1d
+    from bnnotes.renorm import BatchRenorm1d, BatchRenorm2d
+    from bnnotes.torch_bn import RunningStatsNorm
+
+    shared = ("__init__", "reset_running_stats", "reset_parameters", "_load_from_state_dict", "_check_forward_input",
+              "_momentum")
+    for cls in (BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d, LpBatchNorm1d):
+        assert issubclass(cls, RunningStatsNorm)
+        # convert_sync_batchnorm and fusion would silently turn these into plain BN
+        assert not issubclass(cls, nn.modules.batchnorm._BatchNorm)
+        below_base = cls.__mro__[: cls.__mro__.index(RunningStatsNorm)]
+        for name in shared[1:]:
+            assert not any(name in vars(k) for k in below_base), f"{cls.__name__} redefines {name}"
+    layer = BatchRenorm1d(3)
+    state = layer.state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1  # a checkpoint from before num_batches_tracked existed
+    layer.load_state_dict(state)
+    assert int(layer.num_batches_tracked) == 0
+    ghost = GhostBatchNorm1d(np.int64(3), virtual_batch_size=2, device="cpu", dtype=torch.float64)
+    assert ghost.num_features == 3 and ghost.running_var.dtype == torch.float64
+    ghost.running_var.fill_(4.0)
+    ghost.reset_running_stats()
+    assert torch.equal(ghost.running_var, torch.ones(3, dtype=torch.float64))

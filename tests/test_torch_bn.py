@@ -575,6 +575,21 @@ def _exercise_every_layer():
     x = torch.randn(5, 3, requires_grad=True)
     (grad,) = torch.autograd.grad(batch_norm(x, None, None, training=True).pow(3).sum(), x, create_graph=True)
     grad.sum().backward()
+    # The other variants, torch's bias=False, and the torch.func / batched-gradient paths.
+    from bnnotes.ghost import GhostBatchNorm2d
+    from bnnotes.lp_norm import LpBatchNorm1d
+
+    for layer, shape in ((GhostBatchNorm2d(3, virtual_batch_size=2), (4, 3, 2, 2)), (LpBatchNorm1d(3, p=2), (6, 3)),
+                         (BatchNorm2d(3, bias=False), (4, 3, 2, 2))):
+        for mode in ("train", "eval"):
+            getattr(layer, mode)()
+            layer(torch.randn(shape, requires_grad=True)).pow(2).sum().backward()
+    weight = torch.ones(3, requires_grad=True)
+    y = batch_norm(x, None, None, weight, None, training=True)
+    torch.autograd.grad(y, (x, weight), torch.randn(2, 5, 3), is_grads_batched=True)
+    xs = torch.randn(2, 5, 3)
+    torch.func.vmap(torch.func.grad(lambda x: batch_norm(x, None, None, weight, None, training=True).pow(3).sum()))(xs)
+    torch.func.jvp(lambda x: batch_norm(x, None, None, weight, None, training=True), (xs[0],), (xs[1],))
 
 
 def test_torch_batch_norm_kernels_are_never_called(monkeypatch):
