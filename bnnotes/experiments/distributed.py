@@ -142,8 +142,13 @@ def launch(
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout), master_listen_fd=listener.detach())
+    # use_libuv=False: the libuv backend, the default from torch 2.4, cannot take over a listening socket before 2.8
+    # ("The libuv TCPStore backend does not support initialization with an listen fd", measured on 2.7.1); the
+    # classic backend can, on every torch from 2.2 to 2.13.
+    # The classic backend checks that the socket is bound to the port it is given, so it gets the bound one.
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, None, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout), master_listen_fd=listener.detach(), use_libuv=False)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     processes = [
