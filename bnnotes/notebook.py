@@ -17,11 +17,9 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 __all__ = ["glue", "show_source", "progress", "progress_enabled"]
-
-T = TypeVar("T")
 
 
 def glue(name: str, value: Any) -> Any:
@@ -75,7 +73,7 @@ def progress_enabled() -> bool:
     return os.environ.get("BNNOTES_PROGRESS", "") not in ("", "0")
 
 
-def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+def progress(items: Iterable[Any], description: str, total: int | None = None) -> Iterator[Any]:
     """Yield from `items`, printing one line per item ("description: 3/9 (12 s)") when `progress_enabled()`.
 
     Silent otherwise, so the built book's outputs stay short; the Colab edition's set-up cell turns it on, so a

@@ -327,8 +327,23 @@ class Book:
 
     @cached_property
     def times(self) -> dict[str, Any]:
+        """``book/_data/chapter-times.json`` (written by ``.ci/chapter-times --write``), or {} before it exists."""
         path = self.root / TIMES_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def chapter_seconds(self, docname: str) -> float | None:
+        """How long the book build took to execute the chapter, in seconds, if it was measured."""
+        seconds = self.times.get("chapters", {}).get(docname, {}).get("seconds")
+        return float(seconds) if seconds is not None else None
+
+
+def rounded_seconds(seconds: float) -> str:
+    """A run time as a reader wants it: "20 s", "1 min 40 s" (to 10 s, so small changes do not churn the notebooks)."""
+    total = max(10, int(round(seconds / 10.0)) * 10)
+    minutes, rest = divmod(total, 60)
+    if not minutes:
+        return f"{rest} s"
+    return f"{minutes} min" + (f" {rest} s" if rest else "")
 
 
 def _strip_latex(text: str) -> str:
@@ -794,12 +809,10 @@ if "google.colab" in sys.modules:
 
 
 def header_cell(book: Book, docname: str) -> str:
-    name = docname.rsplit("/", 1)[-1]
-    seconds = book.times.get(name, {}).get("seconds") if isinstance(book.times.get(name), dict) else None
+    seconds = book.chapter_seconds(docname)
     if seconds:
-        rounded = max(10, int(round(seconds / 10.0)) * 10)
-        run_time = (f"It runs in about {rounded} s on two CPU cores (measured when the book was built; "
-                    "Colab's free CPU runtime is of that order), and uses a GPU when the runtime has one.")
+        run_time = (f"It runs in about {rounded_seconds(seconds)} on CPU ({book.times.get('machine', 'two cores')}, "
+                    "measured when the book was built), and uses a GPU when the runtime has one.")
     else:
         run_time = "Its run time on CPU has not been measured yet (`.ci/chapter-times --write`)."
     title = Converter(book, docname).plain_title(book.title(docname))
