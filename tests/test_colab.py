@@ -496,6 +496,22 @@ check(double)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def cell_times(notebook: nbformat.NotebookNode, at_least: float) -> list[tuple[float, str]]:
+    """(seconds, first line) of the code cells that ran for at least `at_least` seconds (nbclient's timing metadata)."""
+    from datetime import datetime
+
+    slow = []
+    for cell in notebook.cells:
+        timing = cell.get("metadata", {}).get("execution", {})
+        if cell.cell_type != "code" or "shell.execute_reply" not in timing:
+            continue
+        started, ended = (datetime.fromisoformat(timing[key].replace("Z", "+00:00"))
+                          for key in ("iopub.execute_input", "shell.execute_reply"))
+        if (ended - started).total_seconds() >= at_least:
+            slow.append((round((ended - started).total_seconds(), 1), cell.source.splitlines()[0][:80]))
+    return slow
+
+
 @pytest.fixture(scope="module")
 def learner_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding only the bnnotes package: what `pip install` gives a learner, without the repository."""
@@ -539,5 +555,26 @@ def test_notebook_runs_alone_as_a_learner_gets_it(source: Path, learner_site: Pa
     (ROOT / "_build").mkdir(exist_ok=True)
     record = ROOT / "_build" / "colab-times.json"
     times = json.loads(record.read_text()) if record.is_file() else {}
-    times[source.stem] = round(seconds, 1)
+    times[source.stem] = {"seconds": round(seconds, 1), "slow_cells": cell_times(notebook, at_least=5.0)}
     record.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Publishing: the book the notebooks link to is the one the Pages workflow builds
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_pages_workflow_runs_the_readmes_build_command_and_publishes_the_html() -> None:
+    import yaml
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = re.findall(r"```bash\n\s*(python3 -m venv .*?)\n\s*```", readme)
+    build = next(command for command in commands if "jupyter-book build" in command)
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "pages.yml").read_text(encoding="utf-8"))
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads the key `on` as True
+    assert triggers["push"]["branches"] == [BOOK.branch], "publish the branch the Colab editions install from"
+    steps = workflow["jobs"]["build"]["steps"]
+    assert [step.get("run") for step in steps if "run" in step][0] == build, "the workflow must run the README's build"
+    upload = next(step for step in steps if step.get("uses", "").startswith("actions/upload-pages-artifact"))
+    assert upload["with"]["path"] == "_build/html"
+    assert any(step.get("uses", "").startswith("actions/deploy-pages") for step in workflow["jobs"]["deploy"]["steps"])
