@@ -5,7 +5,8 @@
 - `show_source(module, qualname)`: show the installed source of a bnnotes object, as the book's ``literalinclude`` does
   (the Colab edition's replacement for it).
 - `progress(...)`: report the progress of a long loop when ``BNNOTES_PROGRESS`` is set (the Colab edition sets it), and
-  stay quiet in the built book.
+  stay quiet in the built book; `heartbeat`: the same for code that runs many short steps (the training loop), at most
+  one line every few seconds per notebook cell.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["glue", "show_source", "progress", "progress_enabled"]
+__all__ = ["glue", "show_source", "progress", "progress_enabled", "heartbeat", "Heartbeat"]
 
 
 def glue(name: str, value: Any) -> Any:
@@ -95,3 +96,42 @@ def progress(items: Iterable[Any], description: str, total: int | None = None) -
         yield item
         of = f"/{total}" if total is not None else ""
         print(f"{description}: {index}{of} ({time.perf_counter() - started:.0f} s)", file=sys.stdout, flush=True)
+
+
+def _cell_number() -> int | None:
+    """IPython's execution count (one per cell run), or None outside IPython."""
+    shell = sys.modules.get("IPython") and getattr(sys.modules["IPython"], "get_ipython", lambda: None)()
+    return getattr(shell, "execution_count", None)
+
+
+class Heartbeat:
+    """At most one progress line every `every` seconds within a notebook cell, when `progress_enabled()`.
+
+    Call it often (every evaluation of a training run, say) with a function that describes the state; the description
+    is only computed when a line is due. ``new_run=True`` counts one more run (of a sweep) in this cell. The clock and
+    the run count restart with each cell, so a line reads "... (run 14, 21 s into the cell)".
+
+    >>> beat = Heartbeat(every=0.0)
+    >>> beat(lambda runs: f"training, run {runs}", new_run=True)  # silent: BNNOTES_PROGRESS is not set
+    """
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self.cell: int | None = None
+        self.started = self.last = time.perf_counter()
+        self.runs = 0
+
+    def __call__(self, describe: Callable[[int], str], new_run: bool = False) -> None:
+        if not progress_enabled():
+            return
+        now = time.perf_counter()
+        cell = _cell_number()
+        if cell != self.cell or cell is None and now - self.last > 60 * self.every:
+            self.cell, self.started, self.last, self.runs = cell, now, now, 0
+        self.runs += int(new_run)
+        if now - self.last >= self.every:
+            self.last = now
+            print(f"{describe(self.runs)} ({now - self.started:.0f} s)", flush=True)
+
+
+heartbeat = Heartbeat()
