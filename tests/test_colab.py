@@ -177,14 +177,14 @@ def test_setup_cell_installs_nothing_off_colab_but_turns_on_the_extras() -> None
 
 
 def test_setup_cell_on_colab_pins_the_branch_and_keeps_torch() -> None:
-    import torch
+    from importlib import metadata
 
     calls, _, constraints = run_setup_cell(SETUP, on_colab=True)
     assert len(calls) == 1 and calls[0][1:4] == ["-m", "pip", "install"], calls
     requirement = calls[0][-1]
     assert requirement == f"bnnotes @ git+{BOOK.repository_url}@{BOOK.branch}", requirement
     assert BOOK.repository_url == colab.yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
-    assert constraints.strip() == f"torch=={torch.__version__}", "pip must not be allowed to replace Colab's torch"
+    assert constraints.strip() == f"torch=={metadata.version('torch')}", "pip must not be allowed to replace Colab's torch"
     assert "-U" not in calls[0] and "--upgrade" not in calls[0]
 
 

@@ -1,20 +1,22 @@
 """The Colab edition: turn a chapter's MyST Markdown source (``book/<chapter>.md``) into the notebook Colab opens.
 
 The ``.md`` is the single source; ``.ci/sync-notebooks`` calls `write_notebook` for each chapter and
-``tests/test_colab.py`` checks that every committed ``book/<chapter>.ipynb`` is exactly what `generate` returns. What the
-generator does to a chapter:
+``tests/test_colab.py`` checks that every committed ``book/<chapter>.ipynb`` is exactly what `generate` returns. What
+the generator does to a chapter:
 
 - **A header cell** (what the chapter is, its page in the published book, its CPU run time from
   ``book/_data/chapter-times.json``) and a **setup cell** in place of the chapter's first code cell (the Colab-only
-  install): it pins ``repository.branch`` of ``_config.yml``, keeps Colab's torch (a pip constraint), fails with a readable
-  message when the repository cannot be reached, and turns on the Colab edition's extras, ``BNNOTES_SHOW_GLUE`` (the
-  numbers the prose refers to are printed) and ``BNNOTES_PROGRESS`` (long loops report as they go).
+  install): it pins ``repository.branch`` of ``_config.yml``, keeps Colab's torch (a pip constraint), fails with a
+  readable message when the repository cannot be reached, and turns on the Colab edition's extras,
+  ``BNNOTES_SHOW_GLUE`` (the numbers the prose refers to are printed) and ``BNNOTES_PROGRESS`` (long loops report
+  as they go).
 - **Markdown that renders in Jupyter and Colab:** citations become "Ioffe & Szegedy (2015)" linked to the bibliography
   page; ``{ref}``, ``{numref}``, ``{doc}``, ``{eq}`` and ``{py:*}`` become links to the published book, with the numbers
   the HTML book shows (equations get the same number with ``\\tag{}``); glue roles name the printed value;
   admonitions, dropdowns, figures, tables and code blocks become Markdown or HTML; ``(label)=`` lines and ``%`` comments
   go. A role or directive it does not know is an error (`ColabError`), never passed through.
-- **Figure captions** (``mystnb.figure`` cell metadata) follow their figure cell as a Markdown cell, numbered as in the book.
+- **Figure captions** (``mystnb.figure`` cell metadata) follow their figure cell as a Markdown cell, numbered as in the
+  book.
 - **literalinclude** becomes a code cell that shows the installed source (`bnnotes.notebook.show_source`).
 - **Exercises** (sphinx-exercise's gated directives): the statement is kept, the solution's code cell becomes a stub
   (each top-level ``def`` keeps its signature and docstring and raises ``NotImplementedError(<the docstring's Hint>)``;
@@ -129,9 +131,10 @@ class Book:
     def repository(self) -> tuple[str, str, str]:
         """(owner, name, branch) from ``repository.url`` and ``repository.branch``."""
         repo = self.config.get("repository", {})
-        match = re.fullmatch(r"https://github\.com/(?P<owner>[\w.-]+)/(?P<name>[\w.-]+?)(?:\.git)?/?", repo.get("url", ""))
+        url = repo.get("url", "")
+        match = re.fullmatch(r"https://github\.com/(?P<owner>[\w.-]+)/(?P<name>[\w.-]+?)(?:\.git)?/?", url)
         if not match:
-            raise ColabError(f"_config.yml: repository.url should be https://github.com/<owner>/<repo>, got {repo.get('url')!r}")
+            raise ColabError(f"_config.yml: repository.url should be https://github.com/<owner>/<repo>, got {url!r}")
         return match["owner"], match["name"], repo.get("branch", "main")
 
     @property
@@ -516,7 +519,9 @@ class Converter:
             return f"[{self.plain_title(target.title)}]({url})"
         if target.kind == "label" and target.anchor == make_id(target.docname.rsplit("/", 1)[-1]):
             return f"[{self.book.title(target.docname)}]({url})"
-        raise ColabError(f"{self.docname}.md: {{ref}}`{label}` points at a label without a title: write {{ref}}`text <{label}>`")
+        raise ColabError(
+            f"{self.docname}.md: {{ref}}`{label}` points at a label without a title: write {{ref}}`text <{label}>`"
+        )
 
     def plain_title(self, title: str) -> str:
         """A heading's text as link text: roles rendered, but links flattened (no link inside a link)."""
@@ -678,7 +683,8 @@ class Converter:
         try:
             relative = path.relative_to(self.book.root.resolve())
         except ValueError as error:
-            raise ColabError(f"{self.docname}.md: literalinclude of a file outside the repository: {argument}") from error
+            message = f"{self.docname}.md: literalinclude of a file outside the repository: {argument}"
+            raise ColabError(message) from error
         unsupported = set(options) - {"pyobject", "language", "caption", "name", "dedent", "linenos"}
         if unsupported:
             raise ColabError(f"{self.docname}.md: literalinclude option(s) {sorted(unsupported)} are not supported")
@@ -765,24 +771,31 @@ def stub(source: str) -> str:
         else:
             raise ColabError(
                 "a solution cell may hold only functions, NAME = value assignments and imports (the Colab stub keeps "
-                f"their names); line {node.lineno} is {type(node).__name__}: {ast.get_source_segment(source, node)!r:.80}"
+                f"their names); line {node.lineno} is {type(node).__name__}: "
+                f"{ast.get_source_segment(source, node)!r:.80}"
             )
     return "\n\n\n".join(pieces)
 
 
-STUB_HEADER = "# Your turn: replace each `raise NotImplementedError(...)` (and each `None`) with your answer, then run the next cell."
+STUB_HEADER = (
+    "# Your turn: replace each `raise NotImplementedError(...)` (and each `None`) with your answer,\n"
+    "# then run the checker cell below."
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The notebook
 # ----------------------------------------------------------------------------------------------------------------------
 
-GATE = re.compile(r"^\s*(?P<fence>`{3,}|:{3,})\{(?P<name>exercise-start|exercise-end|solution-start|solution-end)\}(?P<argument>.*)$")
+GATE = re.compile(
+    r"^\s*(?P<fence>`{3,}|:{3,})\{(?P<name>exercise-start|exercise-end|solution-start|solution-end)\}(?P<argument>.*)$"
+)
 
 
 def setup_cell(book: Book) -> str:
-    return f'''# Set-up of the Colab edition. On Colab: install bnnotes from the course repository (branch {book.branch}),
-# keeping Colab's own torch. Everywhere: print the numbers the text refers to, and show progress in long cells.
+    return f'''# Set-up of the Colab edition. On Colab: install bnnotes from the course repository
+# (branch {book.branch}), keeping Colab's own torch. Everywhere: print the numbers the text refers to, and show
+# progress in long cells.
 import os
 import subprocess
 import sys
@@ -790,14 +803,18 @@ import sys
 os.environ["BNNOTES_SHOW_GLUE"] = "1"
 os.environ["BNNOTES_PROGRESS"] = "1"
 if "google.colab" in sys.modules:
-    import torch
+    from importlib import metadata
 
     REPOSITORY = "{book.repository_url}"
     BRANCH = "{book.branch}"
-    with open("/tmp/bnnotes-keep-torch.txt", "w") as constraints:
-        constraints.write(f"torch=={{torch.__version__}}\\n")  # pip may not replace Colab's torch
+    with open("/tmp/bnnotes-keep-torch.txt", "w") as constraints:  # pip may not replace Colab's torch
+        try:
+            constraints.write(f"torch=={{metadata.version('torch')}}\\n")
+        except metadata.PackageNotFoundError:  # no torch yet: pip installs one
+            pass
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "-c", constraints.name, f"bnnotes @ git+{{REPOSITORY}}@{{BRANCH}}"],
+        [sys.executable, "-m", "pip", "install", "-q", "-c", constraints.name,
+         f"bnnotes @ git+{{REPOSITORY}}@{{BRANCH}}"],
         capture_output=True,
         text=True,
     )
