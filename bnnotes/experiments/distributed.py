@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from bnnotes import notebook
 from bnnotes.experiments.data import Dataset, load_digits
 from bnnotes.experiments.models import mlp
 from bnnotes.experiments.training import History, TrainConfig, evaluate, train
@@ -84,6 +85,7 @@ def _run_rank(
     results: Any,
 ) -> None:
     """The body of one spawned process: join the group, run `worker`, report (rank, ok, payload) on `results`."""
+    os.environ.pop("BNNOTES_PROGRESS", None)  # a rank's output does not reach the notebook; the parent reports
     interface = _loopback_interface()
     if interface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)  # keep gloo's traffic on the loopback interface
@@ -164,7 +166,11 @@ def launch(
         for process in processes:
             process.start()
         outcomes: dict[int, Any] = {}
+        started = time.monotonic()
         while len(outcomes) < world_size:
+            # The Colab edition's progress (BNNOTES_PROGRESS): the ranks' own output does not reach the notebook.
+            notebook.heartbeat(lambda runs: f"{worker.__name__}: {len(outcomes)} of {world_size} ranks done, "
+                                            f"{time.monotonic() - started:.0f} s into this launch")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"the {world_size} ranks did not finish within {timeout} s")
