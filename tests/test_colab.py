@@ -145,7 +145,8 @@ def run_setup_cell(code: str, on_colab: bool, returncode: int = 0) -> tuple[list
         calls.append([str(part) for part in command])
         if "-c" in command:
             constraints["text"] = Path(command[command.index("-c") + 1]).read_text()
-        return subprocess.CompletedProcess(command, returncode, stdout="", stderr="ERROR: could not resolve host")
+        stderr = "  error: subprocess-exited-with-error\n  fatal: unable to access: Could not resolve host: github.com\n"
+        return subprocess.CompletedProcess(command, returncode, stdout="", stderr=stderr)
 
     modules = dict(sys.modules)
     if on_colab:
@@ -192,7 +193,8 @@ def test_setup_cell_says_why_when_the_repository_cannot_be_reached() -> None:
     with pytest.raises(RuntimeError) as failure:
         run_setup_cell(SETUP, on_colab=True, returncode=1)
     message = str(failure.value)
-    assert BOOK.repository_url in message and f"branch {BOOK.branch}" in message and "could not resolve host" in message
+    assert BOOK.repository_url in message and f"branch {BOOK.branch}" in message
+    assert message.endswith("pip said:\nfatal: unable to access: Could not resolve host: github.com"), message
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -819,9 +819,11 @@ if "google.colab" in sys.modules:
         text=True,
     )
     if install.returncode != 0:
+        said = install.stderr.strip()
+        reasons = [line.strip() for line in said.splitlines() if line.strip().startswith(("fatal:", "ERROR:"))]
         raise RuntimeError(
             f"Could not install bnnotes from {{REPOSITORY}} (branch {{BRANCH}}). Is the runtime online, and does the "
-            f"repository exist? pip said:\\n{{install.stderr.strip()[-1500:]}}"
+            f"repository exist? pip said:\\n" + ("\\n".join(reasons) or said[-1500:])
         )'''
 
 
