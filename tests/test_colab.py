@@ -498,8 +498,9 @@ check(double)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def cell_times(notebook: nbformat.NotebookNode, at_least: float) -> list[tuple[float, str]]:
-    """(seconds, first line) of the code cells that ran for at least `at_least` seconds (nbclient's timing metadata)."""
+def cell_times(notebook: nbformat.NotebookNode, at_least: float) -> list[tuple[float, str, int]]:
+    """(seconds, first line, progress lines printed) of the code cells that ran for at least `at_least` seconds
+    (nbclient's timing metadata): a measurement of which long cells report progress in the Colab edition."""
     from datetime import datetime
 
     slow = []
@@ -510,7 +511,9 @@ def cell_times(notebook: nbformat.NotebookNode, at_least: float) -> list[tuple[f
         started, ended = (datetime.fromisoformat(timing[key].replace("Z", "+00:00"))
                           for key in ("iopub.execute_input", "shell.execute_reply"))
         if (ended - started).total_seconds() >= at_least:
-            slow.append((round((ended - started).total_seconds(), 1), cell.source.splitlines()[0][:80]))
+            text = "".join(output.get("text", "") for output in cell.outputs)
+            reports = len(re.findall(r"\(\d+ s\)$", text, re.M))
+            slow.append((round((ended - started).total_seconds(), 1), cell.source.splitlines()[0][:80], reports))
     return slow
 
 

@@ -186,7 +186,19 @@ def launch(
                     )
                 continue
             if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
+                # The first report may be a rank that lost its peer ("Connection closed by peer"); wait briefly for
+                # the others, so the rank that failed first is in the message too.
+                failures = {rank: payload}
+                grace = time.monotonic() + 3.0
+                while len(failures) + len(outcomes) < world_size and time.monotonic() < grace:
+                    try:
+                        other, other_ok, other_payload = results.get(timeout=max(grace - time.monotonic(), 0.01))
+                    except queue.Empty:
+                        break
+                    if not other_ok:
+                        failures[other] = other_payload
+                reports = [f"rank {failed} of {world_size} failed:\n{failures[failed]}" for failed in sorted(failures)]
+                raise RuntimeError("\n".join(reports))
             outcomes[rank] = pickle.loads(payload)
         for process in processes:
             process.join(max(deadline - time.monotonic(), 5.0))
