@@ -740,7 +740,7 @@ def stub(source: str) -> str:
     >>> print(stub('def f(x):\\n    \"\"\"Double x. Hint: add it to itself.\"\"\"\\n    return 2 * x\\n\\nk = 3'))
     def f(x):
         \"\"\"Double x. Hint: add it to itself.\"\"\"
-        raise NotImplementedError("Hint: add it to itself.")
+        raise NotImplementedError('Hint: add it to itself.')
     <BLANKLINE>
     <BLANKLINE>
     k = None
