@@ -10,6 +10,12 @@ On success a checker prints one line. On failure it raises ``AssertionError`` wi
 against got (a few numbers), and, when the wrong answer equals a known mistake (computed here and compared), a hint
 that names the mistake.
 
+An exercise that is not attempted yet is not a failure: in the Colab edition each solution is a stub whose body raises
+``NotImplementedError("Hint: ...")``, and a predicted value is ``None``. A checker given ``None``, or a function that
+raises ``NotImplementedError``, prints that the exercise is not attempted yet and returns ``None`` without raising, so
+that "Run all" runs through a notebook whose exercises are still open. (Every public checker is wrapped in
+`_reports_not_attempted`, and calls the learner's function through `_call`.)
+
 >>> import numpy as np
 >>> def my_projection(g, x_hat):
 ...     return g - g.mean(axis=0) - x_hat * (g * x_hat).mean(axis=0)
@@ -19,6 +25,7 @@ check_gradient_projection: all 3 cases match the reference. Well done.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -140,6 +147,30 @@ class _Case:
         return f"{self.checker} failed on case {self.index + 1} of {self.total} ({self.description})"
 
 
+class _NotAttempted(Exception):
+    """The learner's function is still the stub: it raised NotImplementedError (message: its hint)."""
+
+
+def _reports_not_attempted(checker: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a checker so that a stub (None, or a function raising NotImplementedError) is reported, not failed."""
+
+    @functools.wraps(checker)
+    def wrapper(*answers: Any, **options: Any) -> Any:
+        name = checker.__name__
+        if any(answer is None for answer in (*answers, *options.values())):
+            print(f"{name}: not attempted yet (your answer is still None): write it, then run this cell again.")
+            return None
+        try:
+            return checker(*answers, **options)
+        except _NotAttempted as stub:
+            hint = f" {stub}" if str(stub) else ""
+            print(f"{name}: not attempted yet (your function raises NotImplementedError).{hint} "
+                  "Write it, then run this cell again.")
+            return None
+
+    return wrapper
+
+
 def _check_callable(fn: Any, checker: str, signature: str) -> None:
     if not callable(fn):
         raise TypeError(f"{checker} expects your function {signature}, got {type(fn).__name__} {fn!r:.60}")
@@ -161,6 +192,8 @@ def _call(fn: Callable, args: Sequence[Any], case: _Case, exception_hint: str | 
     copies = [np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in args]
     try:
         return fn(*copies)
+    except NotImplementedError as error:  # the Colab edition's stub: not attempted yet, not wrong
+        raise _NotAttempted(str(error)) from error
     except Exception as error:  # the learner's bug, reported with the case that triggered it
         lines = [case.header() + ":", f"  your function raised {type(error).__name__}: {error}"]
         if exception_hint and any(word in str(error) for word in hint_when):
@@ -341,6 +374,7 @@ def _rng_affine(rng: np.random.Generator, d: int) -> tuple[np.ndarray, np.ndarra
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@_reports_not_attempted
 def check_forward(fn: Callable[..., np.ndarray]) -> None:
     """Check ``fn(x, gamma, beta, eps) -> y``: training-mode BN (Ioffe & Szegedy, 2015, Algorithm 1).
 
@@ -406,6 +440,7 @@ def _backward_variant(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, eps: flo
     return dx
 
 
+@_reports_not_attempted
 def check_backward(fn: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
     """Check ``fn(dy, x, gamma, beta, eps) -> (dx, dgamma, dbeta)``: the gradients of training-mode BN.
 
@@ -482,6 +517,7 @@ def check_backward(fn: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]])
     _success(checker, len(specs))
 
 
+@_reports_not_attempted
 def check_conv_forward(fn: Callable[..., np.ndarray]) -> None:
     """Check ``fn(x, gamma, beta, eps) -> y`` for a convolutional input x (N, C, H, W).
 
@@ -541,6 +577,7 @@ def check_conv_forward(fn: Callable[..., np.ndarray]) -> None:
     _success(checker, len(specs))
 
 
+@_reports_not_attempted
 def check_running_stats(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
     """Check ``fn(running_mean, running_var, x, momentum) -> (new_mean, new_var)`` in PyTorch's convention.
 
@@ -598,6 +635,7 @@ def check_running_stats(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> Non
     _success(checker, len(specs))
 
 
+@_reports_not_attempted
 def check_fold(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
     """Check ``fn(weight, bias, gamma, beta, running_mean, running_var, eps) -> (folded_weight, folded_bias)``.
 
@@ -667,6 +705,7 @@ def check_fold(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
     _success(checker, len(specs))
 
 
+@_reports_not_attempted
 def check_momentum_conversion(fn: Callable[[float], float]) -> None:
     """Check ``fn(keras_momentum) -> torch_momentum``.
 
@@ -699,6 +738,7 @@ def check_momentum_conversion(fn: Callable[[float], float]) -> None:
     _success(checker, len(values))
 
 
+@_reports_not_attempted
 def check_renorm_forward(fn: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
     """Check ``fn(x, gamma, beta, running_mean, running_std, r_max, d_max, eps) -> (y, r, d)``.
 
@@ -775,6 +815,7 @@ def check_renorm_forward(fn: Callable[..., tuple[np.ndarray, np.ndarray, np.ndar
     _success(checker, len(specs))
 
 
+@_reports_not_attempted
 def check_ghost_batch_norm(fn: Callable[..., np.ndarray]) -> None:
     """Check ``fn(x, gamma, beta, virtual_batch_size, eps) -> y``: BN applied separately to consecutive chunks.
 
@@ -828,6 +869,7 @@ def check_ghost_batch_norm(fn: Callable[..., np.ndarray]) -> None:
     _success(checker, len(specs))
 
 
+@_reports_not_attempted
 def check_whitening(fn: Callable[[np.ndarray, float], np.ndarray]) -> None:
     """Check ``fn(x, eps) -> x_white``: full ZCA whitening of x (N, D).
 
@@ -897,6 +939,7 @@ def _white_but_rotated(got: np.ndarray, expected: np.ndarray) -> bool:
     return bool(np.allclose(spectrum(got), spectrum(expected), rtol=1e-4, atol=1e-6))
 
 
+@_reports_not_attempted
 def check_gradient_projection(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
     """Check ``fn(g, x_hat) -> g - mean(g) - x_hat * mean(g * x_hat)``, per column.
 
@@ -957,10 +1000,7 @@ _HINT_LN_RMS = (
 )
 
 
-def _not_attempted(checker: str, why: str) -> None:
-    print(f"{checker}: not attempted yet ({why}). Write your solution above and run this cell again.")
-
-
+@_reports_not_attempted
 def check_layer_norm(fn: Callable[..., np.ndarray]) -> None:
     """Check ``fn(x, gamma, beta, eps) -> y``: LayerNorm (Ba et al., 2016) of x (N, D) over its D features.
 
@@ -991,21 +1031,11 @@ def check_layer_norm(fn: Callable[..., np.ndarray]) -> None:
         description = f"x.shape={shape}, dtype={np.dtype(dtype).name}, seed={seed}, eps={eps}"
         case = _Case(checker, index, len(specs), description)
         expected = numpy_norms.layer_norm(x, gamma, beta, eps)[0]
-        try:
-            out = fn(*(np.array(a, copy=True) if isinstance(a, np.ndarray) else a for a in (x, gamma, beta, eps)))
-        except NotImplementedError:
-            if index == 0:
-                _not_attempted(checker, "your function raises NotImplementedError")
-                return
-            raise AssertionError(f"{case.header()}:\n  your function raised NotImplementedError") from None
-        except Exception as error:  # the learner's bug, reported with the case that triggered it
-            raise AssertionError(
-                f"{case.header()}:\n  your function raised {type(error).__name__}: {error}\n"
-                "  Hint: the statistics are per row; keep their axis (keepdims=True) so that they broadcast over D."
-            ) from error
-        if out is None and index == 0:
-            _not_attempted(checker, "your function returns None")
-            return
+        out = _call(fn, (x, gamma, beta, eps), case,
+                    "the statistics are per row; keep their axis (keepdims=True) so that they broadcast over D.",
+                    hint_when=("",))
+        if out is None:
+            raise _NotAttempted("your function returns None")
         got = _as_float_array(out, "y", expected, case)
 
         def affine(x_hat: np.ndarray) -> np.ndarray:
@@ -1029,6 +1059,7 @@ def check_layer_norm(fn: Callable[..., np.ndarray]) -> None:
     _success(checker, len(specs))
 
 
+@_reports_not_attempted
 def check_residual_variance(predicted_plain: Any, predicted_bn: Any, depth: int = 8) -> None:
     """Grade a prediction: the mean square of the residual stream after `depth` pre-activation blocks, at init.
 
@@ -1042,9 +1073,6 @@ def check_residual_variance(predicted_plain: Any, predicted_bn: Any, depth: int 
     check_residual_variance: both predictions are right (plain 256, with BN 9).
     """
     checker = "check_residual_variance"
-    if predicted_plain is None or predicted_bn is None:
-        _not_attempted(checker, "a prediction is None")
-        return
     for name, value in (("predicted_plain", predicted_plain), ("predicted_bn", predicted_bn)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
             raise AssertionError(f"{checker}: {name} must be a finite number, got {value!r}")

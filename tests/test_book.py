@@ -230,8 +230,9 @@ def test_exercises_page_links_every_exercise(built_book: Path) -> None:
     labels = {
         (page, label)
         for page in chapter_pages()
-        for label in re.findall(r"^\((ex-[\w-]+)\)=\s*$", (ROOT / f"{page}.md").read_text(), re.M)
+        for label in re.findall(r"^:label: (ex-[\w-]+)\s*$", (ROOT / f"{page}.md").read_text(), re.M)  # exercise-start
     }
+    assert labels, "no exercise label (:label: ex-...) found in the chapters"
     links = set(_parse(built_book / "book" / "exercises.html").links)
     for page, label in sorted(labels):
         anchor = f"{Path(page).name}.html#{label.replace('_', '-')}"  # Sphinx ids use "-" for "_"

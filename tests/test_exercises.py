@@ -938,3 +938,69 @@ def test_residual_variance_prediction_matches_the_measurement():
         exercises.check_residual_variance(256.0, measured("bn", seed), depth=8)
     assert abs(np.mean(plain) / 256.0 - 1) < 0.3, plain
     assert all(abs(np.log2(v) - 8) < 1.5 for v in plain), plain
+
+
+# The Colab edition's stubs: "not attempted yet", never a failure
+
+
+ALL_CHECKERS = [
+    exercises.check_whitening,
+    exercises.check_forward,
+    exercises.check_backward,
+    exercises.check_conv_forward,
+    exercises.check_running_stats,
+    exercises.check_fold,
+    exercises.check_momentum_conversion,
+    exercises.check_renorm_forward,
+    exercises.check_ghost_batch_norm,
+    exercises.check_gradient_projection,
+    exercises.check_layer_norm,
+]
+
+
+def test_every_public_checker_reports_stubs():
+    """A checker added to the module must be in ALL_CHECKERS (and so get the stub tests below)."""
+    public = {name for name in exercises.__all__ if name.startswith("check_")}
+    graded_values = {checker.__name__ for checker in VALUE_CHECKERS}
+    assert public == {checker.__name__ for checker in ALL_CHECKERS} | graded_values
+
+
+# Checkers that grade predicted numbers rather than a function: their stub is a None answer.
+VALUE_CHECKERS = [exercises.check_residual_variance]
+
+
+@pytest.mark.parametrize("checker", VALUE_CHECKERS, ids=lambda checker: checker.__name__)
+def test_a_value_checker_reports_none_as_not_attempted(checker, capsys):
+    assert checker(None, None) is None
+    assert f"{checker.__name__}: not attempted yet (your answer is still None)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("checker", ALL_CHECKERS, ids=lambda checker: checker.__name__)
+def test_a_stub_is_not_attempted_yet_not_a_failure(checker, capsys):
+    def stub(*args):
+        """The generator's stub. Hint: think first."""
+        raise NotImplementedError("Hint: think first.")
+
+    assert checker(stub) is None
+    out = capsys.readouterr().out
+    assert f"{checker.__name__}: not attempted yet" in out and "Hint: think first." in out, out
+
+
+@pytest.mark.parametrize("checker", ALL_CHECKERS, ids=lambda checker: checker.__name__)
+def test_none_is_not_attempted_yet(checker, capsys):
+    assert checker(None) is None
+    assert f"{checker.__name__}: not attempted yet (your answer is still None)" in capsys.readouterr().out
+
+
+def test_a_stub_does_not_hide_a_wrong_answer():
+    """Only NotImplementedError means "not attempted": other errors and wrong numbers still fail."""
+    def wrong_type(x, gamma, beta, eps):
+        raise TypeError("unsupported operand")
+
+    fails_with(exercises.check_forward, wrong_type, "TypeError: unsupported operand")
+    fails_with(exercises.check_forward, lambda x, g, b, eps: g * (x - x.mean(0)) / x.std(0) + b, "without eps")
+
+
+def test_the_checker_keeps_its_name_and_docstring():
+    assert exercises.check_forward.__name__ == "check_forward"
+    assert "training-mode BN" in exercises.check_forward.__doc__

@@ -1,8 +1,8 @@
-"""The chapters as notebooks: each MyST Markdown chapter has an output-free .ipynb twin with the same cells (Colab opens
-the twin), and starts with the Colab-only install of bnnotes from the repository set in `_config.yml`.
+"""The chapters' MyST Markdown sources: each starts with the Colab-only install of bnnotes from the repository set in
+`_config.yml` (in the book it installs nothing), and ends with exercises in sphinx-exercise's gated directives.
 
-Executing the chapters is nbval's job (`.ci/test` runs `pytest --nbval-lax book/*.ipynb`) and the book build's.
-`.ci/sync-notebooks` regenerates the twins after a chapter changes.
+The Colab edition generated from them (book/<chapter>.ipynb) is tested in tests/test_colab.py; the book build executes
+the .md files themselves, solutions and asserts included.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 REPOSITORY_URL = CONFIG["repository"]["url"]
-SYNC = "run .ci/sync-notebooks to regenerate it"
 
 
 def toc_files() -> list[str]:
@@ -55,44 +54,6 @@ IDS = [path.stem for path in CHAPTERS]
 def test_the_book_has_its_chapters() -> None:
     names = {path.stem for path in CHAPTERS}
     assert {"motivation", "derivation", "inference", "pitfalls", "landscape"} <= names, names
-
-
-def cells(notebook: nbformat.NotebookNode) -> list[tuple[str, str, tuple[str, ...]]]:
-    """What the reader sees and runs: each cell's type, source and tags."""
-    return [
-        (cell.cell_type, cell.source.strip(), tuple(cell.get("metadata", {}).get("tags", [])))
-        for cell in notebook.cells
-    ]
-
-
-@pytest.mark.parametrize("source", CHAPTERS, ids=IDS)
-def test_notebook_twin_has_the_same_cells(source: Path) -> None:
-    twin = source.with_suffix(".ipynb")
-    assert twin.is_file(), f"{twin.relative_to(ROOT)} is missing: {SYNC}"
-    from_markdown = cells(jupytext.read(source))
-    from_notebook = cells(nbformat.read(twin, as_version=4))
-    for index, (md_cell, nb_cell) in enumerate(zip(from_markdown, from_notebook)):
-        assert md_cell == nb_cell, (
-            f"{twin.name} differs from {source.name} at cell {index}:\n  .md:    {md_cell!r:.300}\n"
-            f"  .ipynb: {nb_cell!r:.300}\n{SYNC}"
-        )
-    assert len(from_markdown) == len(from_notebook), (
-        f"{source.name} has {len(from_markdown)} cells, {twin.name} {len(from_notebook)}: {SYNC}"
-    )
-
-
-@pytest.mark.parametrize("source", CHAPTERS, ids=IDS)
-def test_notebook_twin_is_output_free(source: Path) -> None:
-    twin = source.with_suffix(".ipynb")
-    notebook = nbformat.read(twin, as_version=4)
-    with_outputs = [
-        index
-        for index, cell in enumerate(notebook.cells)
-        if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count") is not None)
-    ]
-    assert not with_outputs, f"{twin.name} is committed with outputs in cells {with_outputs}: {SYNC}"
-    nbformat.validate(notebook)
-    assert notebook.metadata.get("kernelspec", {}).get("name") == "python3", f"{twin.name} needs the python3 kernel"
 
 
 def _first_code_cell(source: Path) -> nbformat.NotebookNode:
@@ -144,33 +105,22 @@ def test_first_code_cell_installs_bnnotes_on_colab_only(source: Path) -> None:
     assert match["ref"] in (None, CONFIG["repository"]["branch"]), f"{source.name} installs ref {match['ref']}"
 
 
+EXERCISE_START = re.compile(r"^```\{exercise-start\}.*\n:label: (?P<label>\S+)\s*$", re.M)
+
+
 @pytest.mark.parametrize("source", CHAPTERS, ids=IDS)
 def test_chapter_ends_with_labelled_exercises(source: Path) -> None:
-    # A label is a MyST target line (ex-...)= or, in the sphinx-exercise convention, an exercise's :label: ex-...
-    pattern = r"^(?:\((ex-[\w-]+)\)=|:label: (ex-[\w-]+))\s*$"
-
-    def exercise_labels(text: str) -> list[str]:
-        return [target or option for target, option in re.findall(pattern, text, re.M)]
-
-    labels = exercise_labels(source.read_text(encoding="utf-8"))
-    assert labels, f"{source.name} has no exercise: give each one a label (ex-<chapter>-<name>)= for the exercises page"
-    everywhere = [label for other in CHAPTERS for label in exercise_labels(other.read_text())]
+    """Exercises are sphinx-exercise's gated directives, labelled ex-<chapter>-<slug>, each followed by its solution."""
+    text = source.read_text(encoding="utf-8")
+    labels = EXERCISE_START.findall(text)
+    assert labels, f"{source.name} has no exercise: write them with {{exercise-start}} and a :label: ex-<chapter>-<slug>"
+    chapter = source.stem.replace("_", "-")
+    assert all(label.startswith(f"ex-{chapter}-") for label in labels), f"{source.name}: labels {labels}"
+    assert not re.findall(r"^\((ex-[\w-]+)\)=\s*$", text, re.M), f"{source.name}: an (ex-...)= line duplicates a label"
+    for label in labels:
+        assert re.search(rf"^```\{{solution-start\}} {re.escape(label)}\n:class: dropdown$", text, re.M), (
+            f"{source.name}: exercise {label} has no collapsed solution (solution-start {label}, :class: dropdown)"
+        )
+    everywhere = [label for other in CHAPTERS for label in EXERCISE_START.findall(other.read_text(encoding="utf-8"))]
     duplicated = sorted({label for label in labels if everywhere.count(label) > 1})
     assert not duplicated, f"exercise labels used twice in the book: {duplicated}"
-
-
-def test_sync_script_writes_an_output_free_twin(tmp_path: Path) -> None:
-    """`.ci/sync-notebooks` turns a chapter into the twin these tests expect, replacing a twin that has outputs."""
-    source = CHAPTERS[0]
-    copy = tmp_path / source.name
-    copy.write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
-    stale = jupytext.read(source)
-    stale.cells = stale.cells[:1] + [nbformat.v4.new_code_cell("1 + 1", execution_count=1, outputs=[
-        nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=1)])]
-    nbformat.write(stale, copy.with_suffix(".ipynb"))
-
-    subprocess.run(["bash", str(ROOT / ".ci" / "sync-notebooks"), str(copy)], check=True, capture_output=True)
-
-    twin = nbformat.read(copy.with_suffix(".ipynb"), as_version=4)
-    assert cells(twin) == cells(jupytext.read(source))
-    assert all(not cell.get("outputs") and cell.get("execution_count") is None for cell in twin.cells if cell.cell_type == "code")

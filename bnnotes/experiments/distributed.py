@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bnnotes import notebook
 from bnnotes.experiments.data import Dataset, load_digits
 from bnnotes.experiments.models import mlp
 from bnnotes.experiments.training import History, TrainConfig, evaluate, train
@@ -86,6 +87,7 @@ def _run_rank(
     results: Any,
 ) -> None:
     """The body of one spawned process: join the group, run `worker`, report (rank, ok, payload) on `results`."""
+    os.environ.pop("BNNOTES_PROGRESS", None)  # a rank's output does not reach the notebook; the parent reports
     interface = _loopback_interface()
     if interface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)  # keep gloo's traffic on the loopback interface
@@ -144,8 +146,13 @@ def launch(
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout), master_listen_fd=listener.detach())
+    # use_libuv=False: the libuv backend, the default from torch 2.4, cannot take over a listening socket before 2.8
+    # ("The libuv TCPStore backend does not support initialization with an listen fd", measured on 2.7.1); the
+    # classic backend can, on every torch from 2.2 to 2.13.
+    # The classic backend checks that the socket is bound to the port it is given, so it gets the bound one.
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, None, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout), master_listen_fd=listener.detach(), use_libuv=False)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     processes = [
@@ -161,7 +168,11 @@ def launch(
         for process in processes:
             process.start()
         outcomes: dict[int, Any] = {}
+        started = time.monotonic()
         while len(outcomes) < world_size:
+            # The Colab edition's progress (BNNOTES_PROGRESS): the ranks' own output does not reach the notebook.
+            notebook.heartbeat(lambda runs: f"{worker.__name__}: {len(outcomes)} of {world_size} ranks done, "
+                                            f"{time.monotonic() - started:.0f} s into this launch")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"the {world_size} ranks did not finish within {timeout} s")
@@ -177,7 +188,19 @@ def launch(
                     )
                 continue
             if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
+                # The first report may be a rank that lost its peer ("Connection closed by peer"); wait briefly for
+                # the others, so the rank that failed first is in the message too.
+                failures = {rank: payload}
+                grace = time.monotonic() + 3.0
+                while len(failures) + len(outcomes) < world_size and time.monotonic() < grace:
+                    try:
+                        other, other_ok, other_payload = results.get(timeout=max(grace - time.monotonic(), 0.01))
+                    except queue.Empty:
+                        break
+                    if not other_ok:
+                        failures[other] = other_payload
+                reports = [f"rank {failed} of {world_size} failed:\n{failures[failed]}" for failed in sorted(failures)]
+                raise RuntimeError("\n".join(reports))
             outcomes[rank] = pickle.loads(payload)
         for process in processes:
             process.join(max(deadline - time.monotonic(), 5.0))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnnotes.experiments.data import Dataset, batch_indices
+from bnnotes.notebook import heartbeat
 
 __all__ = ["TrainConfig", "History", "train", "evaluate", "steps_to_accuracy"]
 
@@ -82,7 +83,8 @@ def train(
 ) -> History:
     """Train `model` on `data` with SGD and cross-entropy, and record a `History`.
 
-    The model is moved to the data's device. callback(step, model) runs before step 0's update and after every step,
+    The model is moved to the data's device. With ``BNNOTES_PROGRESS=1`` (the Colab edition) a long cell of training
+    runs prints a line every few seconds (`bnnotes.notebook.heartbeat`); the book's outputs stay free of it. callback(step, model) runs before step 0's update and after every step,
     for measurements. A non-finite loss stops training and sets ``history.diverged`` (accuracy is then chance).
     batches(generator): optionally replaces `batch_indices` as the source of one epoch of index tensors into
     ``data.x_train`` (indices may repeat), for batch compositions that `TrainConfig.order` does not offer.
@@ -100,6 +102,9 @@ def train(
         history.step.append(step)
         history.test_loss.append(loss)
         history.test_acc.append(acc)
+        # The Colab edition's progress (BNNOTES_PROGRESS): a line every few seconds of a long cell; silent in the book.
+        heartbeat(lambda runs: f"training run {runs}: step {step}/{config.steps}, test accuracy {acc:.3f}",
+                  new_run=step == 0)
 
     record(0)
     if callback is not None:

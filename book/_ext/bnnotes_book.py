@@ -8,9 +8,12 @@ Loaded by ``_config.yml`` (``sphinx.local_extensions``), so ``jupyter-book build
   ``bnnotes`` package, found by walking the package, in a curated order. A new module appears without editing the page;
   a module that fails to import fails the build, as autodoc reports it.
   bnnotes' plain-text docstrings ("x: (N, C, *spatial)") are escaped so reST does not read them as markup.
-- **Exercises page.** ``{bnnotes-exercises}`` is replaced, when the page is written, by a list of every ``(ex-...)=``
-  label in the chapters, grouped by chapter in the table-of-contents order and linked. It is recomputed on every build,
+- **Exercises page.** ``{bnnotes-exercises}`` is replaced, when the page is written, by a list of every ``ex-...``
+  label in the chapters (sphinx-exercise's ``:label:``, titled by the exercise's title), grouped by chapter in the table-of-contents order and linked. It is recomputed on every build,
   so it cannot go stale.
+- **Chapter run times.** ``{bnnotes-chapter-times}`` is a table of the chapters (table-of-contents order) with the
+  seconds the book build took to execute each, from ``book/_data/chapter-times.json`` (``.ci/chapter-times --write``),
+  and a link that opens each chapter's Colab edition. The page is rebuilt when the file changes.
 - **Colab.** A chapter page whose ``.md`` has no ``.ipynb`` twin beside it is a warning (so an error under ``-W``): the
   theme's Colab button opens the twin, and Colab cannot open Markdown.
 - **No remote scripts.** sphinx-thebe's loader (thebe is off) is dropped from every page.
@@ -308,7 +311,7 @@ class exercise_list(nodes.General, nodes.Element):  # noqa: N801 (docutils node 
 
 
 class ExercisesDirective(SphinxDirective):
-    """``{bnnotes-exercises}`` — the list of every ``(ex-...)=`` label of the book, grouped by chapter, with links."""
+    """``{bnnotes-exercises}`` — the list of every ``ex-...`` label of the book, grouped by chapter, with links."""
 
     has_content = False
 
@@ -335,7 +338,15 @@ def _toc_order(env: Any) -> list[str]:
 
 
 def _exercise_title(env: Any, docname: str, labelid: str, sectname: str) -> str:
-    """The section title the label sits on, or else the first sentence of the paragraph it marks."""
+    """The exercise's title (sphinx-exercise's argument), else the section title the label sits on, else the first
+    sentence of the paragraph it marks."""
+    registered = getattr(env, "sphinx_exercise_registry", {}).get(labelid)
+    if registered is not None:
+        from sphinx_exercise.nodes import exercise_subtitle
+
+        subtitle = next(iter(registered["node"].findall(exercise_subtitle)), None)
+        if subtitle is not None and subtitle.astext().strip():
+            return subtitle.astext().strip().removeprefix("(").removesuffix(")")
     if sectname:
         return sectname
     doctree = env.get_doctree(docname)
@@ -408,6 +419,39 @@ def merge_exercise_pages(app: Sphinx, env: Any, docnames: Any, other: Any) -> No
     )
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Chapter run times
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ChapterTimesDirective(SphinxDirective):
+    """``{bnnotes-chapter-times}`` — chapter, CPU run time, Colab link; from ``book/_data/chapter-times.json``."""
+
+    has_content = False
+
+    def run(self) -> list[nodes.Node]:
+        from colab import TIMES_FILE, Book, rounded_seconds  # book/_ext, on sys.path as a local extension
+
+        book = Book(Path(self.env.srcdir))
+        self.env.note_dependency(str(book.root / TIMES_FILE))
+        rows = ["| Chapter | Run time on CPU | Colab |", "| --- | --- | --- |"]
+        for source in book.chapters():
+            docname = source.relative_to(book.root).with_suffix("").as_posix()
+            seconds = book.chapter_seconds(docname)
+            shown = rounded_seconds(seconds) if seconds else "not measured yet"
+            rows.append(f"| {{doc}}`/{docname}` | {shown} | [open in Colab]({book.colab_url(docname)}) |")
+        machine = book.times.get("machine", "")
+        when = book.times.get("date", "")
+        note = (f"Measured when the book was built ({machine}, {when}): the seconds it took to execute each chapter, "
+                "asserts and figures included." if machine else "Not measured yet: run `.ci/chapter-times --write`.")
+        container = nodes.container(classes=["bnnotes-chapter-times"])
+        lines = StringList()
+        for line in [*rows, "", note]:
+            lines.append(line, "<bnnotes-chapter-times>")
+        self.state.nested_parse(lines, self.content_offset, container)
+        return [container]
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     register_bibliography_style()
     app.connect("config-inited", set_mathjax_path)
@@ -419,8 +463,9 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("autodoc-process-docstring", process_docstring)
     app.add_node(exercise_list)
     app.add_directive("bnnotes-exercises", ExercisesDirective)
+    app.add_directive("bnnotes-chapter-times", ChapterTimesDirective)
     app.connect("doctree-resolved", render_exercises)
     app.connect("env-get-updated", exercises_pages_outdated)
     app.connect("env-purge-doc", purge_exercise_pages)
     app.connect("env-merge-info", merge_exercise_pages)
-    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True, "env_version": 3}
+    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True, "env_version": 4}
