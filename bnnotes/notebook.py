@@ -138,4 +138,5 @@ class Heartbeat:
             print(f"{describe(self.runs)} ({now - self.started:.0f} s)", flush=True)
 
 
+#: The one `Heartbeat` of the session, called by `bnnotes.experiments.training.train` at each evaluation.
 heartbeat = Heartbeat()

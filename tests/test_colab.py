@@ -73,7 +73,7 @@ def test_no_myst_syntax_is_left_in_markdown_cells(source: Path) -> None:
         if cell.cell_type != "markdown":
             continue
         text = re.sub(r"```.*?```", "", cell.source, flags=re.S)  # code blocks may show anything
-        text = re.sub(r"`[^`\n]+`", "", text)
+        text = re.sub(r"`[^`\n]+`", "CODE", text)  # a placeholder: what follows a code span is not at a line's start
         for what, pattern in MYST_LEFTOVERS.items():
             match = pattern.search(text)
             assert not match, f"{source.stem}.ipynb cell {index} still has {what}: {match.group(0)!r} in\n{cell.source[:400]}"
