@@ -33,6 +33,7 @@ for the running statistics. On the CPU, torch's ``DistributedDataParallel`` refu
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -214,6 +215,33 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     >>> isinstance(bn, nn.SyncBatchNorm)
     True
     """
+
+    if "bias" not in inspect.signature(nn.SyncBatchNorm.__init__).parameters:
+        # Older torch (2.4 included) has no bias= argument: torch's layer with beta, then beta removed, as newer
+        # torch does it (pytorch/pytorch#176573), so that the constructor is the same on every supported torch.
+        def __init__(
+            self,
+            num_features: int,
+            eps: float = 1e-5,
+            momentum: float | None = 0.1,
+            affine: bool = True,
+            track_running_stats: bool = True,
+            process_group: Any = None,
+            device: Any = None,
+            dtype: Any = None,
+            *,
+            bias: bool = True,
+        ) -> None:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
+            if not bias:
+                self.register_parameter("bias", None)
+
+        def reset_parameters(self) -> None:
+            if self.bias is not None or not self.affine:
+                super().reset_parameters()
+                return
+            self.reset_running_stats()  # older torch's reset would zero the absent bias
+            nn.init.ones_(self.weight)
 
     def _check_input(self, input: Tensor) -> None:
         """Clear errors for what torch's layer would refuse: a non-tensor, integers, < 2 dims, channels, dtypes."""

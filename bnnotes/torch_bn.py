@@ -21,6 +21,7 @@ The variants that live in modules of their own are importable from here as well 
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import operator
 from typing import Any
@@ -43,6 +44,16 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _takes_bias(cls: type) -> bool:
+    """Whether the layer class's constructor takes ``bias=`` (torch's BN layers do since pytorch/pytorch#176573; on
+    older torch, 2.4 included, bnnotes' own layers still take it and emulate it)."""
+    return "bias" in inspect.signature(cls.__init__).parameters
+
+
+#: torch's BN constructor takes ``bias=`` (False: no beta). Where it does not, `BatchNormBase` does it itself.
+_TORCH_BN_TAKES_BIAS = _takes_bias(nn.modules.batchnorm._BatchNorm)
 
 
 def _reduction_dims(ndim: int) -> list[int]:
@@ -472,7 +483,8 @@ class BatchNormBase(nn.modules.batchnorm._BatchNorm):
     A subclass of ``torch.nn.modules.batchnorm._BatchNorm``, so the constructor (including ``bias=False``), the
     parameters ``weight`` (gamma) and ``bias`` (beta), the buffers ``running_mean``, ``running_var`` and
     ``num_batches_tracked``, ``state_dict`` loading, ``reset_*``, ``repr`` and ``isinstance`` are torch's own; only
-    `forward` is replaced, by torch's rules line for line around bnnotes' `batch_norm`.
+    `forward` is replaced, by torch's rules line for line around bnnotes' `batch_norm`. (On older torch, 2.4 included,
+    whose BN has no ``bias=`` argument, ``bias=False`` is provided here: beta is None, as in newer torch.)
 
     ``torch.jit.script`` is not supported (TorchScript cannot compile an ``autograd.Function``, and is deprecated
     upstream): use ``torch.jit.trace``, ``torch.export`` or ``torch.compile``.
@@ -491,7 +503,21 @@ class BatchNormBase(nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
     ) -> None:
         num_features = _check_layer_args(num_features, momentum)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        if _TORCH_BN_TAKES_BIAS:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+            return
+        # Older torch (no bias= argument): torch's layer with beta, then beta removed, as newer torch does it.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if not bias:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if _TORCH_BN_TAKES_BIAS or self.bias is not None or not self.affine:
+            super().reset_parameters()
+            return
+        # Older torch's reset_parameters would zero the (absent) bias: the same reset without it.
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
 
     def _check_num_features(self, input: Tensor) -> None:
         _check_channels(self, input)
@@ -668,7 +694,8 @@ def _swap(module: nn.Module, mapping: dict[type, type]) -> nn.Module:
             affine=module.affine,
             track_running_stats=module.track_running_stats,
             device="meta",
-            bias=getattr(module, "bias", None) is not None or not module.affine,
+            # (a torch layer on older torch takes no bias= argument: the bias is set to None below)
+            **({"bias": getattr(module, "bias", None) is not None or not module.affine} if _takes_bias(target) else {}),
         )
         # Share the very same parameters and buffers (as torch.nn.SyncBatchNorm.convert_sync_batchnorm does): values,
         # device, dtype and requires_grad carry over, and an optimizer built before the swap still updates them.
