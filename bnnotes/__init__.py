@@ -5,9 +5,11 @@ The companion library of the bnnotes course. Submodules, from the math up:
 - ``bnnotes.numpy_bn``: the reference implementation in NumPy (forward, backward, inference, a stateful layer).
 - ``bnnotes.torch_bn``: the same in PyTorch with a hand-written backward, drop-in ``BatchNorm{1,2,3}d``,
   Batch Renormalization and synchronized BN.
+- ``bnnotes.numpy_norms``: BN's successors in NumPy, in numpy_bn's style: LayerNorm, RMSNorm, GroupNorm, InstanceNorm.
 - ``bnnotes.experiments``: offline data, models, training loops and measurements used by the chapters.
 - ``bnnotes.plotting``: the one figure style of the book.
 - ``bnnotes.exercises``: checkers for the exercises.
+- ``bnnotes.notebook``: what the chapters need as notebooks: ``glue`` for numbers in the prose, progress in Colab.
 """
 
 from __future__ import annotations
