@@ -35,21 +35,23 @@ def garbage(*args):
 # Shared validation
 
 
-@pytest.mark.parametrize(
-    "checker",
-    [
-        exercises.check_whitening,
-        exercises.check_forward,
-        exercises.check_backward,
-        exercises.check_conv_forward,
-        exercises.check_running_stats,
-        exercises.check_fold,
-        exercises.check_momentum_conversion,
-        exercises.check_renorm_forward,
-        exercises.check_ghost_batch_norm,
-        exercises.check_gradient_projection,
-    ],
-)
+# Every checker that takes the learner's function (the stub tests at the end use the same list).
+ALL_CHECKERS = [
+    exercises.check_whitening,
+    exercises.check_forward,
+    exercises.check_backward,
+    exercises.check_conv_forward,
+    exercises.check_running_stats,
+    exercises.check_fold,
+    exercises.check_momentum_conversion,
+    exercises.check_renorm_forward,
+    exercises.check_ghost_batch_norm,
+    exercises.check_gradient_projection,
+    exercises.check_layer_norm,
+]
+
+
+@pytest.mark.parametrize("checker", ALL_CHECKERS, ids=lambda checker: checker.__name__)
 def test_a_non_callable_is_refused_with_a_type_error(checker):
     with pytest.raises(TypeError, match="expects your function"):
         checker(np.zeros(3))
@@ -941,21 +943,6 @@ def test_residual_variance_prediction_matches_the_measurement():
 
 
 # The Colab edition's stubs: "not attempted yet", never a failure
-
-
-ALL_CHECKERS = [
-    exercises.check_whitening,
-    exercises.check_forward,
-    exercises.check_backward,
-    exercises.check_conv_forward,
-    exercises.check_running_stats,
-    exercises.check_fold,
-    exercises.check_momentum_conversion,
-    exercises.check_renorm_forward,
-    exercises.check_ghost_batch_norm,
-    exercises.check_gradient_projection,
-    exercises.check_layer_norm,
-]
 
 
 def test_every_public_checker_reports_stubs():
