@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from bnnotes._core import bessel_factor, unbiased_variance
+
 __all__ = [
     "Convention",
     "CONVENTIONS",
@@ -215,24 +217,6 @@ def torch_to_keras_momentum(torch_momentum: float | None) -> float:
 # Variance correction
 
 
-def _check_count(m: Any) -> int:
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
-        raise TypeError(f"m (values per channel in a batch) must be an integer, got {type(m).__name__} {m!r}")
-    if m < 2:
-        raise ValueError(f"m (values per channel in a batch) must be at least 2 for the m/(m-1) correction, got {m}")
-    return int(m)
-
-
-def unbiased_variance(biased_var: Any, m: int) -> Any:
-    """Bessel's correction: the unbiased variance from the biased one of m values, ``biased_var * m / (m - 1)``.
-
-    biased_var: a float, NumPy array or torch tensor (any shape). m: values per channel (N, or N*H*W for images).
-
-    >>> unbiased_variance(3.0, 4)
-    4.0
-    """
-    m = _check_count(m)
-    return biased_var * (m / (m - 1))
 
 
 def biased_variance(unbiased_var: Any, m: int) -> Any:
@@ -241,8 +225,7 @@ def biased_variance(unbiased_var: Any, m: int) -> Any:
     >>> biased_variance(4.0, 4)
     3.0
     """
-    m = _check_count(m)
-    return unbiased_var * ((m - 1) / m)
+    return unbiased_var / bessel_factor(m)
 
 
 def initial_value_weight(torch_momentum: float | None, steps: int) -> float:
@@ -283,7 +266,7 @@ def to_biased_running_var(running_var: Any, m: int, torch_momentum: float | None
     >>> round(to_biased_running_var(0.9 + 0.1 * 4.0, m=4, torch_momentum=0.1, steps=1), 12)
     1.2
     """
-    return _convert_running_var(running_var, (_check_count(m) - 1) / m, torch_momentum, steps, initial_var)
+    return _convert_running_var(running_var, 1 / bessel_factor(m), torch_momentum, steps, initial_var)
 
 
 def to_unbiased_running_var(moving_variance: Any, m: int, torch_momentum: float | None, steps: int,
@@ -296,7 +279,7 @@ def to_unbiased_running_var(moving_variance: Any, m: int, torch_momentum: float 
     >>> round(to_unbiased_running_var(0.99 + 0.01 * 3.0, m=4, torch_momentum=0.01, steps=1), 12)
     1.03
     """
-    return _convert_running_var(moving_variance, _check_count(m) / (m - 1), torch_momentum, steps, initial_var)
+    return _convert_running_var(moving_variance, bessel_factor(m), torch_momentum, steps, initial_var)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
