@@ -45,6 +45,12 @@ __all__ = [
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+try:  # what torch's Function.apply does to arguments left over from an exited torch.func transform
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
+except ImportError:  # pragma: no cover - older torch
+    def _unwrap_dead_wrappers(args: tuple) -> tuple:
+        return args
+
 
 def _takes_bias(cls: type) -> bool:
     """Whether the layer class's constructor takes ``bias=`` (torch's BN layers do since pytorch/pytorch#176573; on
@@ -64,6 +70,11 @@ def _reduction_dims(ndim: int) -> list[int]:
 def _per_channel(v: Tensor, ndim: int) -> Tensor:
     """View a (C,) vector so that it broadcasts against (N, C, *spatial)."""
     return v.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without a call when it already is (hot paths: even a no-op ``.to`` costs microseconds)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -182,6 +193,22 @@ def _plain(*tensors: Tensor) -> bool:
     )
 
 
+_FILLED: dict[tuple[int, float, torch.dtype], Tensor] = {}
+
+
+def _filled(n: int, value: float, dtype: torch.dtype) -> Tensor:
+    """A CPU vector of n copies of value, made once per (n, value, dtype) and reused: allocating it on every call cost
+    more than the matrix-vector product it feeds for (256, 1024). Read-only by convention; at most 32 are kept."""
+    key = (n, value, dtype)
+    vector = _FILLED.get(key)
+    if vector is None:
+        if len(_FILLED) >= 32:
+            _FILLED.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            vector = _FILLED[key] = torch.full((n,), value, dtype=dtype)
+    return vector
+
+
 def _channel_sum(t: Tensor, dims: list[int]) -> Tensor:
     """Per-channel sum of t (N, C, *spatial) over `dims`. Returns (C,).
 
@@ -192,10 +219,27 @@ def _channel_sum(t: Tensor, dims: list[int]) -> Tensor:
     """
     if t.is_cpu and t.is_contiguous():
         if t.dim() == 2:
-            return torch.mv(t.t(), torch.ones(t.shape[0], dtype=t.dtype))
+            return torch.mv(t.t(), _filled(t.shape[0], 1.0, t.dtype))
         n, channels = t.shape[0], t.shape[1]
         return t.view(n * channels, -1).sum(dim=1).view(n, channels).sum(dim=0)
     return t.sum(dim=dims)
+
+
+def _channel_mean(t: Tensor, dims: list[int]) -> Tensor:
+    """Per-channel mean of t (N, C, *spatial) over `dims`, by `_channel_sum`'s route; (C,). For a contiguous (N, C) CPU
+    tensor the division is folded into the matrix-vector product (a vector of 1/N), one small op fewer."""
+    if t.is_cpu and t.is_contiguous() and t.dim() == 2:
+        return torch.mv(t.t(), _filled(t.shape[0], 1.0 / t.shape[0], t.dtype))
+    return _channel_sum(t, dims).div_(t.numel() // t.shape[1])
+
+
+def _squared_deviations(x: Tensor, mean: Tensor) -> Tensor:
+    """(x - mean)^2 elementwise in one pass, a fresh tensor: the unreduced squared error of mse_loss. (Its functional
+    wrapper's shape checks cost more than the kernel on small inputs, so the kernel is called directly.)"""
+    try:
+        return torch._C._nn.mse_loss(x, mean, 0)  # 0: reduction="none"
+    except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - a torch without this binding
+        return F.mse_loss(x, mean, reduction="none")
 
 
 def _batch_mean_var(x: Tensor, dims: list[int], compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -208,22 +252,21 @@ def _batch_mean_var(x: Tensor, dims: list[int], compute: torch.dtype) -> tuple[T
     """
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if x.dtype == compute:
-        batch_mean = _channel_sum(x, dims) / (x.numel() // x.shape[1])
-        # (x - mean)^2 in a single pass: the elementwise squared error of mse_loss.
-        scratch = F.mse_loss(x, batch_mean.view(shape).expand_as(x), reduction="none")
+        batch_mean = _channel_mean(x, dims)
+        scratch = _squared_deviations(x, batch_mean.view(shape).expand_as(x))
     else:  # half precision: the deviations are formed in float32
         batch_mean = torch.mean(x, dim=dims, dtype=compute)
         scratch = torch.sub(x, batch_mean.view(shape)).square_()
-    return batch_mean, _channel_sum(scratch, dims).div_(x.numel() // x.shape[1]), scratch
+    return batch_mean, _channel_mean(scratch, dims), scratch
 
 
-def _per_channel_affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+def _per_channel_affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor, plain: bool | None = None) -> Tensor:
     """out = x * scale + shift with (C,) scale and shift, written into `out` (x's shape, the compute dtype).
 
     Traced or transformed (see `_plain`), `out` is left alone and a new tensor returned: autograd tracing (torch.export)
-    refuses ``out=``.
+    refuses ``out=``. `plain`: the caller's `_plain` verdict, when it has one (it is not free to recompute).
     """
-    if not _plain(x):
+    if not (_plain(x) if plain is None else plain):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(shift.to(out.dtype).view(shape), x, scale.to(out.dtype).view(shape))
     if scale.dtype != out.dtype or shift.dtype != out.dtype:
@@ -284,7 +327,7 @@ def _normalize_backward(
     a = inv_std if gain is None else inv_std * gain
     b = torch.mul(a, inv_std).mul_(sum_dy_x_hat).div_(-m)
     c = torch.mul(a, sum_dy).div_(-m).addcmul_(b, batch_mean, value=-1)
-    dx = _per_channel_affine(x, b, c, out=scratch)
+    dx = _per_channel_affine(x, b, c, out=scratch, plain=True)
     return dx.addcmul_(dy, a.view(shape)), sum_dy, sum_dy_x_hat
 
 
@@ -304,6 +347,15 @@ class BatchNormFunction(torch.autograd.Function):
     ([-1.0, 1.0], [2.0], [1.0])
     """
 
+    @classmethod
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        """torch's ``Function.apply``, minus its per-call ``inspect.signature`` binding of default arguments (forward
+        has none): in eager mode that binding alone cost about a third of the layer's fixed overhead. Under
+        torch.func transforms and torch.compile, torch's own ``apply`` runs unchanged."""
+        if kwargs or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return super().apply(*args, **kwargs)
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
+
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         compute = _compute_dtype(x)
@@ -315,7 +367,7 @@ class BatchNormFunction(torch.autograd.Function):
         if bias is None:
             shift = torch.mul(batch_mean, scale).neg_()
         else:
-            shift = torch.addcmul(bias.to(compute), batch_mean, scale, value=-1)
+            shift = torch.addcmul(bias if bias.dtype == compute else bias.to(compute), batch_mean, scale, value=-1)
         y = _per_channel_affine(x, scale, shift, out=scratch)
         return (y if y.dtype == x.dtype else y.to(x.dtype)), batch_mean, batch_var
 
@@ -339,8 +391,8 @@ class BatchNormFunction(torch.autograd.Function):
         dx, sum_dy, sum_dy_x_hat = _normalize_backward(dy, x, batch_mean, inv_std, weight, ctx.eps, need_dx)
         if need_dx and dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
-        dweight = sum_dy_x_hat.to(weight.dtype) if weight is not None and need_dweight else None
-        dbias = sum_dy.to(ctx.bias_dtype) if ctx.has_bias and need_dbias else None
+        dweight = _cast(sum_dy_x_hat, weight.dtype) if weight is not None and need_dweight else None
+        dbias = _cast(sum_dy, ctx.bias_dtype) if ctx.has_bias and need_dbias else None
         return dx, dweight, dbias, None
 
     @staticmethod
@@ -396,6 +448,7 @@ class _TracedBatchNormFunction(BatchNormFunction):
     breaks on one), so this variant has torch's default. Everything else, the backward included, is the same code."""
 
     jvp = staticmethod(torch.autograd.Function.jvp)
+    apply = classmethod(torch.autograd.Function.apply.__func__)
 
 
 def _affine_inference(
@@ -470,10 +523,10 @@ def batch_norm(
     with torch.no_grad():
         # running = (1 - momentum) * running + momentum * batch, i.e. a linear interpolation towards the batch.
         if running_mean is not None:
-            running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+            running_mean.lerp_(_cast(batch_mean, running_mean.dtype), momentum)
         if running_var is not None:
             unbiased_var = batch_var * (m / (m - 1))
-            running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+            running_var.lerp_(_cast(unbiased_var, running_var.dtype), momentum)
     return y
 
 
