@@ -1101,3 +1101,94 @@ def check_residual_variance(predicted_plain: Any, predicted_bn: Any, depth: int 
 
 
 __all__ += ["check_layer_norm", "check_residual_variance"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Predictions: "predict, then run" exercises, graded against what the chapter's run measured.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _is_real_number(value: Any) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (numbers.Real, np.floating, np.integer))
+
+
+def _show(value: Any) -> str:
+    """A value as a learner reads it: numbers with 4 significant digits, strings quoted."""
+    if _is_real_number(value):
+        return f"{float(value):.4g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_prediction(
+    predicted: Any,
+    measured: Any,
+    *,
+    name: str,
+    choices: Sequence[Any] | None = None,
+    rel_tol: float | None = None,
+    factor: float | None = None,
+    explanation: str = "",
+) -> None:
+    """Grade a prediction written down before a cell ran, against the value that the chapter's run measured.
+
+    A choice (``choices`` given, a tuple of the allowed answers): an answer outside ``choices`` fails with the list
+    of allowed ones; an allowed answer is right iff ``predicted == measured``. A number: right iff within ``rel_tol``
+    of the measurement, ``|predicted - measured| <= rel_tol * |measured|``, or within a ``factor`` of it,
+    ``measured / factor <= predicted <= measured * factor`` (give one of the two, or both: either suffices).
+    A wrong prediction raises AssertionError "you predicted X for <name>; the run measured Y", then ``explanation``.
+    ``predicted`` None (the Colab edition's stub) prints "not attempted yet" and returns. A right one prints one line.
+
+    >>> check_prediction("diverges", "diverges", name="the plain network at lr=1", choices=("converges", "diverges"))
+    check_prediction: right, the run measured 'diverges' for the plain network at lr=1.
+    >>> check_prediction(300, 256.0, name="the stream's mean square", factor=2)
+    check_prediction: right, the run measured 256 for the stream's mean square (you predicted 300).
+    """
+    checker = "check_prediction"
+    # The chapter's own arguments: a mistake there is the author's, so it is a ValueError, not a wrong answer.
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{checker}: name must be a non-empty string naming the predicted quantity, got {name!r}")
+    if choices is None and rel_tol is None and factor is None:
+        raise ValueError(f"{checker}({name}): give choices (a tuple of allowed answers), or rel_tol or factor "
+                         "(the tolerance of a numeric prediction)")
+    if choices is not None and (rel_tol is not None or factor is not None):
+        raise ValueError(f"{checker}({name}): a choice is graded by equality; rel_tol and factor are for numbers")
+    if rel_tol is not None and not (_is_real_number(rel_tol) and rel_tol >= 0):
+        raise ValueError(f"{checker}({name}): rel_tol must be a number >= 0, got {rel_tol!r}")
+    if factor is not None and not (_is_real_number(factor) and factor >= 1):
+        raise ValueError(f"{checker}({name}): factor must be a number >= 1, got {factor!r}")
+    if predicted is None:
+        print(f"{checker}: not attempted yet (your prediction for {name} is still None): write it down, then run "
+              "this cell again.")
+        return None
+    suffix = f" {explanation}" if explanation else ""
+    if choices is not None:
+        choices = tuple(choices)
+        if measured not in choices:
+            raise ValueError(f"{checker}({name}): the measured {_show(measured)} is not one of the choices {choices}")
+        if predicted not in choices:
+            allowed = ", ".join(_show(choice) for choice in choices)
+            raise AssertionError(f"{checker}: {_show(predicted)} is not an allowed answer for {name}; "
+                                 f"answer one of {allowed}")
+        if predicted != measured:
+            raise AssertionError(f"{checker}: you predicted {_show(predicted)} for {name}; the run measured "
+                                 f"{_show(measured)}.{suffix}")
+        print(f"{checker}: right, the run measured {_show(measured)} for {name}.")
+        return None
+    if not _is_real_number(measured) or not np.isfinite(float(measured)):
+        raise ValueError(f"{checker}({name}): the measured value must be a finite number, got {measured!r}")
+    if not _is_real_number(predicted) or not np.isfinite(float(predicted)):
+        raise AssertionError(f"{checker}: your prediction for {name} must be a finite number, got "
+                             f"{type(predicted).__name__} {predicted!r:.60}")
+    guess, value = float(predicted), float(measured)
+    within_rel = rel_tol is not None and abs(guess - value) <= rel_tol * abs(value)
+    low, high = sorted((value / factor, value * factor)) if factor is not None else (np.inf, -np.inf)
+    if not (within_rel or low <= guess <= high):
+        tolerances = ([f"within {rel_tol:.0%}"] if rel_tol is not None else []) + (
+            [f"within a factor {factor:g}"] if factor is not None else [])
+        raise AssertionError(f"{checker}: you predicted {_show(guess)} for {name}; the run measured "
+                             f"{_show(value)} (a prediction {' or '.join(tolerances)} counts as right).{suffix}")
+    print(f"{checker}: right, the run measured {_show(value)} for {name} (you predicted {_show(guess)}).")
+    return None
+
+
+__all__ += ["check_prediction"]

@@ -942,13 +942,84 @@ def test_residual_variance_prediction_matches_the_measurement():
     assert all(abs(np.log2(v) - 8) < 1.5 for v in plain), plain
 
 
+# check_prediction: "predict, then run" exercises
+
+
+def test_prediction_accepts_a_right_choice_and_a_close_number(capsys):
+    exercises.check_prediction("diverges", "diverges", name="lr=1 without BN", choices=("converges", "diverges"))
+    exercises.check_prediction(True, np.bool_(True), name="eval collapses", choices=(True, False))
+    exercises.check_prediction(0.52, np.float64(0.5), name="the accuracy", rel_tol=0.05)
+    exercises.check_prediction(150, 256.0, name="the mean square", factor=2)
+    exercises.check_prediction(500, 256.0, name="the mean square", factor=2)  # the bounds are inclusive of x2
+    exercises.check_prediction(-3.0, -2.0, name="a negative log", factor=2)
+    exercises.check_prediction(1.3, 1.0, name="either tolerance", rel_tol=0.1, factor=1.5)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 7 and all(line.startswith("check_prediction: right, the run measured") for line in out), out
+    assert "'diverges' for lr=1 without BN" in out[0] and "(you predicted 150)" in out[3], out
+
+
+@pytest.mark.parametrize(
+    "predicted, measured, options, parts",
+    [
+        ("converges", "diverges", {"choices": ("converges", "diverges")},
+         ["you predicted 'converges' for q; the run measured 'diverges'.", "Because of the step size."]),
+        ("maybe", "diverges", {"choices": ("converges", "diverges")},
+         ["'maybe' is not an allowed answer for q", "answer one of 'converges', 'diverges'"]),
+        (0.4, 0.5, {"rel_tol": 0.1}, ["you predicted 0.4 for q; the run measured 0.5", "within 10% counts",
+                                      "Because of the step size."]),
+        (100, 256.0, {"factor": 2}, ["you predicted 100 for q; the run measured 256", "within a factor 2"]),
+        (600, 256.0, {"factor": 2}, ["you predicted 600 for q"]),
+        (2.0, -2.0, {"factor": 2}, ["you predicted 2 for q; the run measured -2"]),
+        (0.3, 0.0, {"rel_tol": 0.5}, ["the run measured 0"]),
+        ("256", 256.0, {"factor": 2}, ["must be a finite number", "str '256'"]),
+        (True, 1.0, {"rel_tol": 0.1}, ["must be a finite number"]),
+        (float("nan"), 1.0, {"rel_tol": 0.1}, ["must be a finite number"]),
+    ],
+)
+def test_prediction_names_a_wrong_prediction(predicted, measured, options, parts):
+    with pytest.raises(AssertionError) as failure:
+        exercises.check_prediction(predicted, measured, name="q", explanation="Because of the step size.", **options)
+    for part in parts:
+        assert part in str(failure.value), str(failure.value)
+
+
+def test_prediction_none_is_not_attempted(capsys):
+    assert exercises.check_prediction(None, 0.5, name="the accuracy", rel_tol=0.1) is None
+    assert exercises.check_prediction(None, "a", name="the winner", choices=("a", "b")) is None
+    out = capsys.readouterr().out
+    assert out.count("check_prediction: not attempted yet (your prediction for the") == 2, out
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({}, "give choices"),
+        ({"name": ""}, "name must be"),
+        ({"choices": ("a", "b"), "rel_tol": 0.1}, "graded by equality"),
+        ({"rel_tol": -0.1}, "rel_tol must be"),
+        ({"factor": 0.5}, "factor must be"),
+        ({"choices": ("a", "b")}, "is not one of the choices"),
+    ],
+)
+def test_prediction_refuses_a_chapters_bad_arguments(options, message):
+    """The chapter's own mistakes are ValueErrors, not a wrong answer of the learner."""
+    options = {"name": "q", **options}
+    with pytest.raises(ValueError, match=message):
+        exercises.check_prediction("a", 0.5, **options)
+
+
+def test_prediction_refuses_a_non_numeric_measurement():
+    with pytest.raises(ValueError, match="finite number"):
+        exercises.check_prediction(1.0, float("inf"), name="q", rel_tol=0.1)
+
+
 # The Colab edition's stubs: "not attempted yet", never a failure
 
 
 def test_every_public_checker_reports_stubs():
     """A checker added to the module must be in ALL_CHECKERS (and so get the stub tests below)."""
     public = {name for name in exercises.__all__ if name.startswith("check_")}
-    graded_values = {checker.__name__ for checker in VALUE_CHECKERS}
+    graded_values = {checker.__name__ for checker in VALUE_CHECKERS} | {"check_prediction"}
     assert public == {checker.__name__ for checker in ALL_CHECKERS} | graded_values
 
 
