@@ -127,6 +127,9 @@ def run_cases(fn: Any, checker: str, signature: str, cases: Sequence[Case], none
                                output.fallback_hint) for got, output in zip(answers, case.outputs)]
         order = case.report_order or range(len(differences))
         lines = [line for position in order for line in differences[position]]
+        # A mistake that shows in several outputs is named once, at the first of them.
+        lines = [line for at, line in enumerate(lines)
+                 if not line.startswith("  Hint:") or line not in lines[:at]]
         if lines:
             raise AssertionError("\n".join([f"{header}:"] + lines))
     print(f"{checker}: all {len(cases)} cases match the reference. Well done.")
