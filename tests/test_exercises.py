@@ -1098,6 +1098,17 @@ def test_a_wrong_answer_only_ever_raises_an_assertion_error(checker, wrong):
         checker(wrong)
 
 
+@pytest.mark.parametrize("checker", ALL_CHECKERS, ids=lambda checker: checker.__name__)
+def test_a_function_returning_none_is_reported_never_crashes(checker, capsys):
+    """A body of `...` or `pass` returns None: "forget a `return`" (an AssertionError), or "not attempted yet"."""
+    try:
+        checker(lambda *args: None)
+    except AssertionError as failure:
+        assert "`return`" in str(failure), str(failure)
+    else:
+        assert "not attempted yet" in capsys.readouterr().out
+
+
 def test_a_stub_does_not_hide_a_wrong_answer():
     """Only NotImplementedError means "not attempted": other errors and wrong numbers still fail."""
     def wrong_type(x, gamma, beta, eps):

@@ -97,7 +97,8 @@ def check_momentum_conversion(fn: Callable[[float], float]) -> None:
         except Exception as error:
             raise AssertionError(f"{header}:\n  your function raised {type(error).__name__}: {error}") from error
         if not is_real_number(out):
-            raise AssertionError(f"{header}:\n  expected a real number, got {type(out).__name__} {out!r:.60}")
+            note = " (did you forget a `return`?)" if out is None else ""
+            raise AssertionError(f"{header}:\n  expected a real number, got {type(out).__name__} {out!r:.60}{note}")
         expected, got = 1.0 - keras_momentum, float(out)
         if not np.isclose(got, expected, rtol=1e-9, atol=1e-12):
             lines = [f"{header}:", f"  expected torch momentum {expected:.6g}, got {got:.6g}"]
