@@ -1,5 +1,5 @@
-"""Checkers for the chapter "BN in data-parallel training": ghost batch norm, and the merge of per-rank statistics
-that synchronized BN computes.
+"""Checkers for the chapter "Data-parallel BN: SyncBatchNorm and Ghost BN" (data_parallel.md): ghost batch norm,
+and the merge of per-rank statistics that synchronized BN computes.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""Checkers for the chapter "The transform and its gradient": the forward and backward passes, dense and convolutional,
-and the gradient of a batch of two.
-
->>> import numpy as np
->>> def my_forward(x, gamma, beta, eps):
-...     return gamma * (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + eps) + beta
->>> check_forward(my_forward)
-check_forward: all 4 cases match the reference. Well done.
+"""Checkers for the chapter "The transform and its gradient" (derivation.md): the forward and backward passes,
+dense and convolutional, and the gradient of a batch of two.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from bnnotes.exercises._catalogue import (
     rng_images,
     rng_upstream,
 )
-from bnnotes.exercises._harness import Case, Output, reports_not_attempted, run_cases
+from bnnotes.exercises._harness import Case, Mistake, Output, reports_not_attempted, run_cases
 
 __all__ = ["check_forward", "check_backward", "check_conv_forward", "check_conv_backward", "check_batch_of_two"]
 
@@ -226,7 +220,7 @@ def check_conv_forward(fn: Callable[..., np.ndarray]) -> None:
     run_cases(fn, "check_conv_forward", "fn(x, gamma, beta, eps) -> y", [_conv_forward_case(*spec) for spec in specs])
 
 
-def _conv_dx_mistakes(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, eps: float) -> list[tuple]:
+def _conv_dx_mistakes(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, eps: float) -> list[Mistake]:
     """The catalogue for the convolutional dx; dy, x: (N, C, H, W) in float64."""
     n, c = x.shape[:2]
     x_hat = normalize(x, eps, axis=_CONV_AXES)
@@ -361,7 +355,7 @@ def _batch_of_two_case(features: int, seed: int, eps: float, dtype: type) -> Cas
         (HINT_EPS_OUTSIDE, lambda: variant(eps_outside=True)),
     ]
 
-    def row(index: int) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    def row(index: int) -> list[Mistake]:
         return [(hint, lambda wrong=wrong: wrong()[index]) for hint, wrong in catalogue]
 
     description = f"D={features}, dtype={np.dtype(dtype).name}, seed={seed}, eps={eps}"

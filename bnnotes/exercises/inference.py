@@ -1,5 +1,5 @@
-"""Checkers for the chapter "Inference: population statistics": the running averages, their corrections (Bessel's
-m/(m-1) and Caffe's scale factor), and folding BN into the layer before it.
+"""Checkers for the chapter "Inference: from batch to population statistics" (inference.md): the running averages,
+their corrections (Bessel's m/(m-1) and Caffe's scale factor), and folding BN into the layer before it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
-"""Checkers for the chapter "Why normalize activations": full ZCA whitening, the transform BN simplifies.
-
->>> import numpy as np
->>> def my_whitening(x, eps):
-...     x_centered = x - x.mean(axis=0)
-...     eigenvalues, u = np.linalg.eigh(x_centered.T @ x_centered / len(x))
-...     return x_centered @ u @ np.diag(1 / np.sqrt(eigenvalues + eps)) @ u.T
->>> check_whitening(my_whitening)
-check_whitening: all 3 cases match the reference. Well done.
+"""Checkers for the chapter "Why normalize: internal covariate shift and what BN promises" (motivation.md): full
+ZCA whitening, the transform BN simplifies.
 """
 
 from __future__ import annotations

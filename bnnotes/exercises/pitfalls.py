@@ -1,5 +1,5 @@
-"""Checkers for the chapter "Where BN breaks": Batch Renormalization (Ioffe, 2017), its correction r and d, and its
-training forward.
+"""Checkers for the chapter "Pitfalls: when BN breaks" (pitfalls.md): Batch Renormalization (Ioffe, 2017), its
+correction r and d, and its training forward.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 
 from bnnotes import numpy_variants
 from bnnotes.exercises._catalogue import HINT_UNBIASED, rng_affine, rng_features
-from bnnotes.exercises._harness import Case, Output, reports_not_attempted, run_cases
+from bnnotes.exercises._harness import Case, Mistake, Output, reports_not_attempted, run_cases
 
 __all__ = ["check_renorm_correction", "check_renorm_forward"]
 
@@ -26,7 +26,7 @@ def _running_statistics(rng: np.random.Generator, batch_mean: np.ndarray, batch_
 
 
 def _correction_mistakes(batch_mean: np.ndarray, batch_std: np.ndarray, running_mean: np.ndarray,
-                         running_std: np.ndarray, r_max: float, d_max: float) -> tuple[list, list]:
+                         running_std: np.ndarray, r_max: float, d_max: float) -> tuple[list[Mistake], list[Mistake]]:
     """The catalogues for r and for d."""
     raw_r, raw_d = batch_std / running_std, (batch_mean - running_mean) / running_std
     r_mistakes = [
