@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bnnotes import _core, numpy_bn, numpy_variants
+from bnnotes import numpy_bn, numpy_variants
+from bnnotes._core import bessel_factor
 from bnnotes.exercises._catalogue import HINT_EPS_OUTSIDE, rng_affine, rng_features
 from bnnotes.exercises._harness import Case, NotAttempted, Output, is_real_number, reports_not_attempted, run_cases
 
@@ -128,7 +129,7 @@ def _bessel_case(m: int) -> Case:
         ("this matches 1, no correction: the biased batch variance is too small on average, because the batch "
          "mean is closer to the batch than the true mean is: E[biased var] = (m - 1) / m * sigma^2", lambda: 1.0),
     ]
-    return Case(f"m={m}", (m,), (Output("c(m)", np.float64(_core.bessel_factor(m)), mistakes, scalar=True),))
+    return Case(f"m={m}", (m,), (Output("c(m)", np.float64(bessel_factor(m)), mistakes, scalar=True),))
 
 
 @reports_not_attempted
