@@ -43,7 +43,7 @@ def zca_whitening(x: np.ndarray, eps: float) -> np.ndarray:
     >>> bool(np.allclose(np.cov(xw, rowvar=False, bias=True), np.eye(3)))
     True
     """
-    x = _as_matrix(x).astype(np.float64)
+    x = np.asarray(_as_matrix(x), dtype=np.float64)  # no copy when x is float64 already
     x_centered = x - x.mean(axis=0)
     covariance = x_centered.T @ x_centered / x.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
@@ -84,7 +84,7 @@ def renorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, running_m
     >>> y.ravel().tolist(), r.tolist(), d.tolist()
     ([0.0, 2.0], [1.0], [1.0])
     """
-    x = _as_matrix(x).astype(np.float64)
+    x = np.asarray(_as_matrix(x), dtype=np.float64)  # no copy when x is float64 already
     batch_mean = x.mean(axis=0)
     batch_std = np.sqrt(x.var(axis=0) + eps)
     r, d = renorm_correction(batch_mean, batch_std, running_mean, running_std, r_max, d_max)
