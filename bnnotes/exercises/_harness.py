@@ -12,8 +12,8 @@ each value the function returns, an `Output`: its name, the reference value, and
 
 The first failing case raises one AssertionError with every output that differs; when all pass, one line is printed.
 `reports_not_attempted` wraps every public checker so that ``None`` (the Colab edition's stub of a value) is reported
-as not attempted yet. Nothing here knows batch normalization: the catalogues live in the chapter modules and in
-`_catalogue`.
+as not attempted yet. The catalogues of mistakes live in the chapter modules and in `_catalogue`; a new checker
+is one more list of cases, not one more copy of this loop.
 
 >>> import numpy as np
 >>> x = np.array([1.0, 2.0])
