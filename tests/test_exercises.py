@@ -291,6 +291,13 @@ def test_backward_names_each_mistake(wrong, hint):
     fails_with(exercises.check_backward, wrong, hint)
 
 
+def test_backward_cases_include_float32():
+    def upcast(dy, x, gamma, beta, eps):
+        return tuple(v.astype(np.float64) for v in right_backward(dy, x, gamma, beta, eps))
+
+    fails_with(exercises.check_backward, upcast, "case 5 of 5", "float32 too")
+
+
 def test_backward_rejects_wrong_tuples_and_garbage():
     fails_with(exercises.check_backward, lambda dy, x, g, b, eps: right_backward(dy, x, g, b, eps)[0], "tuple")
     fails_with(exercises.check_backward, lambda dy, x, g, b, eps: right_backward(dy, x, g, b, eps)[:2], "length 2")
@@ -474,6 +481,13 @@ def test_fold_accepts_right_answer(capsys):
 @pytest.mark.parametrize("wrong, hint", FOLD_MISTAKES)
 def test_fold_names_each_mistake(wrong, hint):
     fails_with(exercises.check_fold, wrong, hint)
+
+
+def test_fold_cases_include_float32():
+    def upcast(*args):
+        return tuple(v.astype(np.float64) for v in right_fold(*args))
+
+    fails_with(exercises.check_fold, upcast, "case 4 of 4", "float32 too")
 
 
 def test_fold_rejects_garbage():
@@ -660,6 +674,11 @@ def test_ghost_accepts_right_answers(capsys):
 @pytest.mark.parametrize("wrong, hint", GHOST_MISTAKES)
 def test_ghost_names_each_mistake(wrong, hint):
     fails_with(exercises.check_ghost_batch_norm, wrong, hint)
+
+
+def test_ghost_cases_include_float32():
+    fails_with(exercises.check_ghost_batch_norm, lambda *args: right_ghost(*args).astype(np.float64), "case 4 of 4",
+               "float32 too")
 
 
 def test_ghost_rejects_garbage():

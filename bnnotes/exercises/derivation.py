@@ -85,11 +85,11 @@ def check_forward(fn: Callable[..., np.ndarray]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _backward_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
+def _backward_case(shape: tuple[int, int], seed: int, eps: float, dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
-    x = rng_features(rng, *shape)
-    gamma, beta = rng_affine(rng, shape[1])
-    dy = rng_upstream(rng, shape)
+    x = rng_features(rng, *shape).astype(dtype)
+    gamma, beta = (v.astype(dtype) for v in rng_affine(rng, shape[1]))
+    dy = rng_upstream(rng, shape).astype(dtype)
     y, cache = numpy_bn.forward(x, gamma, beta, eps)
     dx_ref, dgamma_ref, dbeta_ref = numpy_bn.backward(dy, cache)
     x_hat = cache["x_hat"]
@@ -128,7 +128,8 @@ def _backward_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
         (swapped, lambda: dgamma_ref),
         ("this matches mean(dy): dbeta is the SUM of dy over the batch", lambda: dy.mean(axis=0)),
     ]
-    return Case(f"x.shape={shape}, seed={seed}, eps={eps}", (dy, x, gamma, beta, eps),
+    description = f"x.shape={shape}, seed={seed}, eps={eps}" + ("" if dtype == np.float64 else ", dtype=float32")
+    return Case(description, (dy, x, gamma, beta, eps),
                 (Output("dx", dx_ref, dx_mistakes), Output("dgamma", dgamma_ref, dgamma_mistakes, sum_hint),
                  Output("dbeta", dbeta_ref, dbeta_mistakes, sum_hint)))
 
@@ -137,7 +138,8 @@ def _backward_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
 def check_backward(fn: Callable[..., Grads]) -> None:
     """Check ``fn(dy, x, gamma, beta, eps) -> (dx, dgamma, dbeta)``: the gradients of training-mode BN.
 
-    dy, x: (N, D); gamma, beta: (D,). dx: (N, D); dgamma, dbeta: (D,). Reference: `bnnotes.numpy_bn.backward`.
+    dy, x: (N, D); gamma, beta: (D,). dx: (N, D); dgamma, dbeta: (D,), in x's dtype (one case is float32).
+    Reference: `bnnotes.numpy_bn.backward`.
 
     >>> def my_backward(dy, x, gamma, beta, eps):
     ...     n = x.shape[0]
@@ -147,9 +149,9 @@ def check_backward(fn: Callable[..., Grads]) -> None:
     ...     dx = gamma * inv_std / n * (n * dy - dbeta - x_hat * dgamma)
     ...     return dx, dgamma, dbeta
     >>> check_backward(my_backward)
-    check_backward: all 4 cases match the reference. Well done.
+    check_backward: all 5 cases match the reference. Well done.
     """
-    specs = [((4, 3), 0, 1e-5), ((6, 5), 1, 0.5), ((3, 7), 2, 1e-3), ((10, 4), 3, 1e-5)]
+    specs = [((4, 3), 0, 1e-5), ((6, 5), 1, 0.5), ((3, 7), 2, 1e-3), ((10, 4), 3, 1e-5), ((12, 6), 4, 1e-5, np.float32)]
     run_cases(fn, "check_backward", "fn(dy, x, gamma, beta, eps) -> (dx, dgamma, dbeta)",
               [_backward_case(*spec) for spec in specs])
 

@@ -186,7 +186,7 @@ def check_caffe_scale_factor(fn: Callable[[float, int], float]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _fold_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
+def _fold_case(shape: tuple[int, int], seed: int, eps: float, dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
     out_features, in_features = shape
     weight = rng.standard_normal(shape)
@@ -194,6 +194,8 @@ def _fold_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
     gamma, beta = rng_affine(rng, out_features)
     running_mean = rng.uniform(-4.0, 4.0, size=out_features)
     running_var = np.exp(rng.uniform(np.log(0.05), np.log(5.0), size=out_features))
+    weight, bias, gamma, beta, running_mean, running_var = (
+        v.astype(dtype) for v in (weight, bias, gamma, beta, running_mean, running_var))
     args = (weight, bias, gamma, beta, running_mean, running_var, eps)
     weight_ref, bias_ref = numpy_variants.fold_linear(*args)
     scale = gamma / np.sqrt(running_var + eps)
@@ -218,7 +220,8 @@ def _fold_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
         (HINT_EPS_OUTSIDE, lambda: (bias - running_mean) * std_outside + beta),
     ]
     layout = {shape[::-1]: "weight is (out, in), like nn.Linear's: keep that layout"}
-    return Case(f"weight.shape={shape}, seed={seed}, eps={eps}", args,
+    dtype_note = "" if dtype == np.float64 else ", dtype=float32"
+    return Case(f"weight.shape={shape}, seed={seed}, eps={eps}{dtype_note}", args,
                 (Output("folded_weight", weight_ref, weight_mistakes, layout),
                  Output("folded_bias", bias_ref, bias_mistakes)),
                 exception_hint="weight is (out, in) and the BN scale has one entry per OUTPUT feature: "
@@ -232,16 +235,16 @@ def check_fold(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
     The model is a Linear layer, y = x @ weight.T + bias with weight (out, in), followed by BN in eval mode over its
     `out` features; the folded Linear computes the same function in one layer:
     scale = gamma / sqrt(running_var + eps), folded_weight = weight * scale[:, None],
-    folded_bias = (bias - running_mean) * scale + beta. Reference: `bnnotes.numpy_variants.fold_linear` (tested to
-    equal the Linear layer composed with `bnnotes.numpy_bn.inference`).
+    folded_bias = (bias - running_mean) * scale + beta, in weight's dtype (one case is float32). Reference:
+    `bnnotes.numpy_variants.fold_linear` (tested to equal the Linear layer composed with `bnnotes.numpy_bn.inference`).
 
     >>> def my_fold(weight, bias, gamma, beta, running_mean, running_var, eps):
     ...     scale = gamma / np.sqrt(running_var + eps)
     ...     return weight * scale[:, None], (bias - running_mean) * scale + beta
     >>> check_fold(my_fold)
-    check_fold: all 3 cases match the reference. Well done.
+    check_fold: all 4 cases match the reference. Well done.
     """
-    specs = [((5, 3), 0, 1e-5), ((2, 6), 1, 0.1), ((4, 7), 2, 1e-3)]
+    specs = [((5, 3), 0, 1e-5), ((2, 6), 1, 0.1), ((4, 7), 2, 1e-3), ((6, 4), 3, 1e-5, np.float32)]
     run_cases(fn, "check_fold",
               "fn(weight, bias, gamma, beta, running_mean, running_var, eps) -> (folded_weight, folded_bias)",
               [_fold_case(*spec) for spec in specs])
