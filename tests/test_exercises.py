@@ -416,6 +416,13 @@ def test_running_stats_names_each_mistake(wrong, hint):
     fails_with(exercises.check_running_stats, wrong, hint)
 
 
+def test_running_stats_cases_include_float32():
+    def upcast(*args):
+        return tuple(np.asarray(v, dtype=np.float64) for v in right_running(*args))
+
+    fails_with(exercises.check_running_stats, upcast, "case 4 of 4", "float32 too")
+
+
 def test_running_stats_rejects_garbage():
     fails_with(exercises.check_running_stats, lambda rm, rv, x, m: (garbage(rm), garbage(rv)))
 
@@ -565,6 +572,13 @@ def test_renorm_accepts_right_answer(capsys):
 @pytest.mark.parametrize("wrong, hint", RENORM_MISTAKES)
 def test_renorm_names_each_mistake(wrong, hint):
     fails_with(exercises.check_renorm_forward, wrong, hint)
+
+
+def test_renorm_cases_include_float32():
+    def upcast(*args):
+        return tuple(v.astype(np.float64) for v in renorm_with()(*args))
+
+    fails_with(exercises.check_renorm_forward, upcast, "case 4 of 4", "float32 too")
 
 
 def test_renorm_rejects_garbage():

@@ -25,13 +25,13 @@ _HINT_KERAS = ("this matches the Keras/TensorFlow convention new = momentum * ol
                "PyTorch, momentum is the weight of the NEW batch, new = (1 - momentum) * old + momentum * batch")
 
 
-def _running_stats_case(shape: tuple[int, int], seed: int, momentum: float) -> Case:
+def _running_stats_case(shape: tuple[int, int], seed: int, momentum: float, dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
-    x = rng_features(rng, *shape)
-    running_mean = rng.uniform(-3.0, 3.0, size=shape[1])
-    running_var = rng.uniform(0.5, 5.0, size=shape[1])
-    layer = numpy_bn.BatchNorm(shape[1], momentum=momentum)
-    layer.running_mean, layer.running_var = running_mean.copy(), running_var.copy()
+    x = rng_features(rng, *shape).astype(dtype)
+    running_mean = rng.uniform(-3.0, 3.0, size=shape[1]).astype(dtype)
+    running_var = rng.uniform(0.5, 5.0, size=shape[1]).astype(dtype)
+    layer = numpy_bn.BatchNorm(shape[1], momentum=momentum)  # its buffers are float64: the reference, then cast
+    layer.running_mean, layer.running_var = running_mean.astype(np.float64), running_var.astype(np.float64)
     layer.forward(x)
     batch_mean, unbiased, biased = x.mean(0), x.var(0, ddof=1), x.var(0)
     axis_hint = {(shape[0],): "this has one entry per example: average over the batch, axis=0"}
@@ -51,9 +51,11 @@ def _running_stats_case(shape: tuple[int, int], seed: int, momentum: float) -> C
         ("the running variance was not updated: you returned the old value", lambda: running_var),
         ("this is the batch variance alone: blend it into the running variance with the momentum", lambda: unbiased),
     ]
-    return Case(f"x.shape={shape}, seed={seed}, momentum={momentum}", (running_mean, running_var, x, momentum),
-                (Output("new_mean", layer.running_mean, mean_mistakes, axis_hint),
-                 Output("new_var", layer.running_var, var_mistakes, axis_hint)))
+    dtype_note = "" if dtype == np.float64 else ", dtype=float32"
+    return Case(f"x.shape={shape}, seed={seed}, momentum={momentum}{dtype_note}",
+                (running_mean, running_var, x, momentum),
+                (Output("new_mean", layer.running_mean.astype(dtype), mean_mistakes, axis_hint),
+                 Output("new_var", layer.running_var.astype(dtype), var_mistakes, axis_hint)))
 
 
 @reports_not_attempted
@@ -61,16 +63,17 @@ def check_running_stats(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> Non
     """Check ``fn(running_mean, running_var, x, momentum) -> (new_mean, new_var)`` in PyTorch's convention.
 
     new = (1 - momentum) * old + momentum * batch, where the batch variance is the UNBIASED one (divide by N - 1).
-    running_mean, running_var: (D,); x: (N, D). Reference: `bnnotes.numpy_bn.BatchNorm`.
+    running_mean, running_var: (D,); x: (N, D); the new values in x's dtype (one case is float32). Reference:
+    `bnnotes.numpy_bn.BatchNorm`.
 
     >>> def my_update(running_mean, running_var, x, momentum):
     ...     new_mean = (1 - momentum) * running_mean + momentum * x.mean(axis=0)
     ...     new_var = (1 - momentum) * running_var + momentum * x.var(axis=0, ddof=1)
     ...     return new_mean, new_var
     >>> check_running_stats(my_update)
-    check_running_stats: all 3 cases match the reference. Well done.
+    check_running_stats: all 4 cases match the reference. Well done.
     """
-    specs = [((4, 3), 0, 0.1), ((3, 5), 1, 0.3), ((8, 2), 2, 0.05)]
+    specs = [((4, 3), 0, 0.1), ((3, 5), 1, 0.3), ((8, 2), 2, 0.05), ((10, 4), 3, 0.1, np.float32)]
     run_cases(fn, "check_running_stats", "fn(running_mean, running_var, x, momentum) -> (new_mean, new_var)",
               [_running_stats_case(*spec) for spec in specs])
 
