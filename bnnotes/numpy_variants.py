@@ -32,7 +32,8 @@ def _as_matrix(x: Any, name: str = "x") -> np.ndarray:
 
 
 def zca_whitening(x: np.ndarray, eps: float) -> np.ndarray:
-    """Full ZCA whitening of x (N, D): ``(x - mean) @ U diag(1/sqrt(lambda + eps)) U^T``, returned in float64.
+    """Full ZCA whitening of x (N, D): ``(x - mean) @ U diag(1/sqrt(lambda + eps)) U^T``, computed in float64 and
+    returned in x's dtype (float64 for an integer x).
 
     The covariance is the biased one, (x - mean)^T (x - mean) / N, with eigendecomposition U diag(lambda) U^T. The
     output's covariance is U diag(lambda / (lambda + eps)) U^T, the identity as eps -> 0. ZCA is the whitening matrix
@@ -43,12 +44,14 @@ def zca_whitening(x: np.ndarray, eps: float) -> np.ndarray:
     >>> bool(np.allclose(np.cov(xw, rowvar=False, bias=True), np.eye(3)))
     True
     """
-    x = np.asarray(_as_matrix(x), dtype=np.float64)  # no copy when x is float64 already
+    x = _as_matrix(x)
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    x = np.asarray(x, dtype=np.float64)  # no copy when x is float64 already
     x_centered = x - x.mean(axis=0)
     covariance = x_centered.T @ x_centered / x.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     whitening = eigenvectors @ np.diag(1.0 / np.sqrt(eigenvalues + eps)) @ eigenvectors.T
-    return x_centered @ whitening
+    return (x_centered @ whitening).astype(dtype, copy=False)
 
 
 def renorm_correction(batch_mean: np.ndarray, batch_std: np.ndarray, running_mean: np.ndarray,

@@ -799,6 +799,11 @@ def test_whitening_names_each_mistake(wrong, hint):
     fails_with(exercises.check_whitening, wrong, hint)
 
 
+def test_whitening_cases_include_float32():
+    fails_with(exercises.check_whitening, lambda x, eps: right_zca(x.astype(np.float64), eps), "case 4 of 4",
+               "float32 too")
+
+
 def test_whitening_rejects_garbage():
     fails_with(exercises.check_whitening, lambda x, eps: garbage(x))
 
