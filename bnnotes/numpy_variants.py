@@ -32,7 +32,8 @@ def _as_matrix(x: Any, name: str = "x") -> np.ndarray:
 
 
 def zca_whitening(x: np.ndarray, eps: float) -> np.ndarray:
-    """Full ZCA whitening of x (N, D): ``(x - mean) @ U diag(1/sqrt(lambda + eps)) U^T``, returned in float64.
+    """Full ZCA whitening of x (N, D): ``(x - mean) @ U diag(1/sqrt(lambda + eps)) U^T``, computed in float64 and
+    returned in x's dtype (float64 for an integer x).
 
     The covariance is the biased one, (x - mean)^T (x - mean) / N, with eigendecomposition U diag(lambda) U^T. The
     output's covariance is U diag(lambda / (lambda + eps)) U^T, the identity as eps -> 0. ZCA is the whitening matrix
@@ -43,12 +44,14 @@ def zca_whitening(x: np.ndarray, eps: float) -> np.ndarray:
     >>> bool(np.allclose(np.cov(xw, rowvar=False, bias=True), np.eye(3)))
     True
     """
-    x = _as_matrix(x).astype(np.float64)
+    x = _as_matrix(x)
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    x = np.asarray(x, dtype=np.float64)  # no copy when x is float64 already
     x_centered = x - x.mean(axis=0)
     covariance = x_centered.T @ x_centered / x.shape[0]
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     whitening = eigenvectors @ np.diag(1.0 / np.sqrt(eigenvalues + eps)) @ eigenvectors.T
-    return x_centered @ whitening
+    return (x_centered @ whitening).astype(dtype, copy=False)
 
 
 def renorm_correction(batch_mean: np.ndarray, batch_std: np.ndarray, running_mean: np.ndarray,
@@ -73,23 +76,25 @@ def renorm_correction(batch_mean: np.ndarray, batch_std: np.ndarray, running_mea
 def renorm_forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, running_mean: np.ndarray,
                    running_std: np.ndarray, r_max: float, d_max: float,
                    eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batch Renormalization's training forward (Ioffe, 2017, Algorithm 1), x of shape (N, D), in float64.
+    """Batch Renormalization's training forward (Ioffe, 2017, Algorithm 1), x of shape (N, D).
 
     sigma_B = sqrt(biased batch variance + eps); (r, d) = `renorm_correction`;
-    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta. Returns (y (N, D), r (D,), d (D,)). In training r and d are
-    constants for the gradient (stop_gradient).
+    y = gamma * ((x - mu_B) / sigma_B * r + d) + beta. Returns (y (N, D), r (D,), d (D,)), computed in float64 and
+    returned in x's dtype, as `numpy_bn` does. In training r and d are constants for the gradient (stop_gradient).
 
     >>> x = np.array([[0.0], [2.0]])
     >>> y, r, d = renorm_forward(x, np.ones(1), np.zeros(1), np.zeros(1), np.ones(1), 3.0, 5.0, 0.0)
     >>> y.ravel().tolist(), r.tolist(), d.tolist()
     ([0.0, 2.0], [1.0], [1.0])
     """
-    x = _as_matrix(x).astype(np.float64)
+    x = _as_matrix(x)
+    dtype = x.dtype if x.dtype.kind == "f" else np.dtype(np.float64)
+    x = np.asarray(x, dtype=np.float64)  # no copy when x is float64 already
     batch_mean = x.mean(axis=0)
     batch_std = np.sqrt(x.var(axis=0) + eps)
     r, d = renorm_correction(batch_mean, batch_std, running_mean, running_std, r_max, d_max)
     x_hat = (x - batch_mean) / batch_std * r + d
-    return gamma * x_hat + beta, r, d
+    return tuple(v.astype(dtype, copy=False) for v in (gamma * x_hat + beta, r, d))
 
 
 def ghost_batch_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, virtual_batch_size: int,

@@ -291,6 +291,13 @@ def test_backward_names_each_mistake(wrong, hint):
     fails_with(exercises.check_backward, wrong, hint)
 
 
+def test_backward_cases_include_float32():
+    def upcast(dy, x, gamma, beta, eps):
+        return tuple(v.astype(np.float64) for v in right_backward(dy, x, gamma, beta, eps))
+
+    fails_with(exercises.check_backward, upcast, "case 5 of 5", "float32 too")
+
+
 def test_backward_rejects_wrong_tuples_and_garbage():
     fails_with(exercises.check_backward, lambda dy, x, g, b, eps: right_backward(dy, x, g, b, eps)[0], "tuple")
     fails_with(exercises.check_backward, lambda dy, x, g, b, eps: right_backward(dy, x, g, b, eps)[:2], "length 2")
@@ -409,6 +416,13 @@ def test_running_stats_names_each_mistake(wrong, hint):
     fails_with(exercises.check_running_stats, wrong, hint)
 
 
+def test_running_stats_cases_include_float32():
+    def upcast(*args):
+        return tuple(np.asarray(v, dtype=np.float64) for v in right_running(*args))
+
+    fails_with(exercises.check_running_stats, upcast, "case 4 of 4", "float32 too")
+
+
 def test_running_stats_rejects_garbage():
     fails_with(exercises.check_running_stats, lambda rm, rv, x, m: (garbage(rm), garbage(rv)))
 
@@ -474,6 +488,13 @@ def test_fold_accepts_right_answer(capsys):
 @pytest.mark.parametrize("wrong, hint", FOLD_MISTAKES)
 def test_fold_names_each_mistake(wrong, hint):
     fails_with(exercises.check_fold, wrong, hint)
+
+
+def test_fold_cases_include_float32():
+    def upcast(*args):
+        return tuple(v.astype(np.float64) for v in right_fold(*args))
+
+    fails_with(exercises.check_fold, upcast, "case 4 of 4", "float32 too")
 
 
 def test_fold_rejects_garbage():
@@ -551,6 +572,13 @@ def test_renorm_accepts_right_answer(capsys):
 @pytest.mark.parametrize("wrong, hint", RENORM_MISTAKES)
 def test_renorm_names_each_mistake(wrong, hint):
     fails_with(exercises.check_renorm_forward, wrong, hint)
+
+
+def test_renorm_cases_include_float32():
+    def upcast(*args):
+        return tuple(v.astype(np.float64) for v in renorm_with()(*args))
+
+    fails_with(exercises.check_renorm_forward, upcast, "case 4 of 4", "float32 too")
 
 
 def test_renorm_rejects_garbage():
@@ -662,6 +690,11 @@ def test_ghost_names_each_mistake(wrong, hint):
     fails_with(exercises.check_ghost_batch_norm, wrong, hint)
 
 
+def test_ghost_cases_include_float32():
+    fails_with(exercises.check_ghost_batch_norm, lambda *args: right_ghost(*args).astype(np.float64), "case 4 of 4",
+               "float32 too")
+
+
 def test_ghost_rejects_garbage():
     fails_with(exercises.check_ghost_batch_norm, lambda x, g, b, v, eps: garbage(x))
 
@@ -764,6 +797,11 @@ def test_whitening_accepts_right_answers(capsys):
 @pytest.mark.parametrize("wrong, hint", WHITENING_MISTAKES)
 def test_whitening_names_each_mistake(wrong, hint):
     fails_with(exercises.check_whitening, wrong, hint)
+
+
+def test_whitening_cases_include_float32():
+    fails_with(exercises.check_whitening, lambda x, eps: right_zca(x.astype(np.float64), eps), "case 4 of 4",
+               "float32 too")
 
 
 def test_whitening_rejects_garbage():
@@ -1096,6 +1134,17 @@ NONSENSE = [
 def test_a_wrong_answer_only_ever_raises_an_assertion_error(checker, wrong):
     with pytest.raises(AssertionError, match="failed on case"):
         checker(wrong)
+
+
+@pytest.mark.parametrize("checker", ALL_CHECKERS, ids=lambda checker: checker.__name__)
+def test_a_function_returning_none_is_reported_never_crashes(checker, capsys):
+    """A body of `...` or `pass` returns None: "forget a `return`" (an AssertionError), or "not attempted yet"."""
+    try:
+        checker(lambda *args: None)
+    except AssertionError as failure:
+        assert "`return`" in str(failure), str(failure)
+    else:
+        assert "not attempted yet" in capsys.readouterr().out
 
 
 def test_a_stub_does_not_hide_a_wrong_answer():

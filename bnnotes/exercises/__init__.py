@@ -19,11 +19,13 @@ Layout: `_harness` runs the cases of any checker (call, validate, compare, name 
 test data and the wrong variants of BN that several checkers share; one module per chapter holds that chapter's
 checkers, each a case generator with its catalogue of mistakes; `prediction` grades predictions in every chapter.
 
->>> import numpy as np
->>> def my_projection(g, x_hat):
-...     return g - g.mean(axis=0) - x_hat * (g * x_hat).mean(axis=0)
->>> check_gradient_projection(my_projection)
-check_gradient_projection: all 3 cases match the reference. Well done.
+>>> def my_scaled_gradient(grad_w, c):
+...     raise NotImplementedError("Hint: differentiate L(c W) = L(W) with respect to W.")
+>>> check_scale_invariance(my_scaled_gradient)  # doctest: +NORMALIZE_WHITESPACE
+check_scale_invariance: not attempted yet (your function raises NotImplementedError). Hint: differentiate
+L(c W) = L(W) with respect to W. Write it, then run this cell again.
+>>> check_scale_invariance(lambda grad_w, c: grad_w / c)
+check_scale_invariance: all 4 cases match the reference. Well done.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Checkers for the chapter "BN in data-parallel training": ghost batch norm, and the merge of per-rank statistics
-that synchronized BN computes.
+"""Checkers for the chapter "Data-parallel BN: SyncBatchNorm and Ghost BN" (data_parallel.md): ghost batch norm,
+and the merge of per-rank statistics that synchronized BN computes.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from bnnotes.exercises._harness import Case, Output, reports_not_attempted, run_
 __all__ = ["check_ghost_batch_norm", "check_merge_statistics"]
 
 
-def _ghost_case(shape: tuple[int, int], virtual_batch_size: int, seed: int, eps: float) -> Case:
+def _ghost_case(shape: tuple[int, int], virtual_batch_size: int, seed: int, eps: float,
+                dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
     n, d = shape
     chunks = n // virtual_batch_size
     # Each chunk gets its own offset, so that per-chunk and whole-batch statistics differ clearly.
     chunk_offsets = np.repeat(rng.uniform(-4.0, 4.0, size=(chunks, d)), virtual_batch_size, axis=0)
-    x = rng_features(rng, n, d) + chunk_offsets
-    gamma, beta = rng_affine(rng, d)
+    x = (rng_features(rng, n, d) + chunk_offsets).astype(dtype)
+    gamma, beta = (v.astype(dtype) for v in rng_affine(rng, d))
     expected = numpy_variants.ghost_batch_norm(x, gamma, beta, virtual_batch_size, eps)
 
     def strided() -> np.ndarray:
@@ -52,7 +53,8 @@ def _ghost_case(shape: tuple[int, int], virtual_batch_size: int, seed: int, eps:
         (HINT_EPS_OUTSIDE, lambda: gamma * normalize(grouped, eps, axis=1, eps_outside=True).reshape(n, d) + beta),
         (HINT_NO_AFFINE, lambda: normalize(grouped, eps, axis=1).reshape(n, d)),
     ]
-    return Case(f"x.shape={shape}, virtual_batch_size={virtual_batch_size}, seed={seed}, eps={eps}",
+    dtype_note = "" if dtype == np.float64 else ", dtype=float32"
+    return Case(f"x.shape={shape}, virtual_batch_size={virtual_batch_size}, seed={seed}, eps={eps}{dtype_note}",
                 (x, gamma, beta, virtual_batch_size, eps), (Output("y", expected, mistakes),))
 
 
@@ -61,17 +63,17 @@ def check_ghost_batch_norm(fn: Callable[..., np.ndarray]) -> None:
     """Check ``fn(x, gamma, beta, virtual_batch_size, eps) -> y``: BN applied separately to consecutive chunks.
 
     x: (N, D) with N a multiple of virtual_batch_size; rows [0, v), [v, 2v), ... are normalized with their own
-    statistics (Hoffer et al., 2017). Reference: `bnnotes.numpy_variants.ghost_batch_norm` (`numpy_bn.forward` on
-    each chunk).
+    statistics (Hoffer et al., 2017). y: (N, D) in x's dtype (one case is float32). Reference:
+    `bnnotes.numpy_variants.ghost_batch_norm` (`numpy_bn.forward` on each chunk).
 
     >>> def my_ghost(x, gamma, beta, virtual_batch_size, eps):
     ...     chunks = x.reshape(-1, virtual_batch_size, x.shape[1])
     ...     x_hat = (chunks - chunks.mean(axis=1, keepdims=True)) / np.sqrt(chunks.var(axis=1, keepdims=True) + eps)
     ...     return gamma * x_hat.reshape(x.shape) + beta
     >>> check_ghost_batch_norm(my_ghost)
-    check_ghost_batch_norm: all 3 cases match the reference. Well done.
+    check_ghost_batch_norm: all 4 cases match the reference. Well done.
     """
-    specs = [((24, 5), 4, 0, 1e-5), ((12, 3), 3, 1, 0.1), ((20, 6), 10, 2, 1e-3)]
+    specs = [((24, 5), 4, 0, 1e-5), ((12, 3), 3, 1, 0.1), ((20, 6), 10, 2, 1e-3), ((16, 4), 4, 3, 1e-5, np.float32)]
     run_cases(fn, "check_ghost_batch_norm", "fn(x, gamma, beta, virtual_batch_size, eps) -> y",
               [_ghost_case(*spec) for spec in specs])
 

@@ -1,11 +1,5 @@
-"""Checkers for the chapter "The transform and its gradient": the forward and backward passes, dense and convolutional,
-and the gradient of a batch of two.
-
->>> import numpy as np
->>> def my_forward(x, gamma, beta, eps):
-...     return gamma * (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + eps) + beta
->>> check_forward(my_forward)
-check_forward: all 4 cases match the reference. Well done.
+"""Checkers for the chapter "The transform and its gradient" (derivation.md): the forward and backward passes,
+dense and convolutional, and the gradient of a batch of two.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from bnnotes.exercises._catalogue import (
     rng_images,
     rng_upstream,
 )
-from bnnotes.exercises._harness import Case, Output, reports_not_attempted, run_cases
+from bnnotes.exercises._harness import Case, Mistake, Output, reports_not_attempted, run_cases
 
 __all__ = ["check_forward", "check_backward", "check_conv_forward", "check_conv_backward", "check_batch_of_two"]
 
@@ -91,11 +85,11 @@ def check_forward(fn: Callable[..., np.ndarray]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _backward_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
+def _backward_case(shape: tuple[int, int], seed: int, eps: float, dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
-    x = rng_features(rng, *shape)
-    gamma, beta = rng_affine(rng, shape[1])
-    dy = rng_upstream(rng, shape)
+    x = rng_features(rng, *shape).astype(dtype)
+    gamma, beta = (v.astype(dtype) for v in rng_affine(rng, shape[1]))
+    dy = rng_upstream(rng, shape).astype(dtype)
     y, cache = numpy_bn.forward(x, gamma, beta, eps)
     dx_ref, dgamma_ref, dbeta_ref = numpy_bn.backward(dy, cache)
     x_hat = cache["x_hat"]
@@ -134,7 +128,8 @@ def _backward_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
         (swapped, lambda: dgamma_ref),
         ("this matches mean(dy): dbeta is the SUM of dy over the batch", lambda: dy.mean(axis=0)),
     ]
-    return Case(f"x.shape={shape}, seed={seed}, eps={eps}", (dy, x, gamma, beta, eps),
+    description = f"x.shape={shape}, seed={seed}, eps={eps}" + ("" if dtype == np.float64 else ", dtype=float32")
+    return Case(description, (dy, x, gamma, beta, eps),
                 (Output("dx", dx_ref, dx_mistakes), Output("dgamma", dgamma_ref, dgamma_mistakes, sum_hint),
                  Output("dbeta", dbeta_ref, dbeta_mistakes, sum_hint)))
 
@@ -143,7 +138,8 @@ def _backward_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
 def check_backward(fn: Callable[..., Grads]) -> None:
     """Check ``fn(dy, x, gamma, beta, eps) -> (dx, dgamma, dbeta)``: the gradients of training-mode BN.
 
-    dy, x: (N, D); gamma, beta: (D,). dx: (N, D); dgamma, dbeta: (D,). Reference: `bnnotes.numpy_bn.backward`.
+    dy, x: (N, D); gamma, beta: (D,). dx: (N, D); dgamma, dbeta: (D,), in x's dtype (one case is float32).
+    Reference: `bnnotes.numpy_bn.backward`.
 
     >>> def my_backward(dy, x, gamma, beta, eps):
     ...     n = x.shape[0]
@@ -153,9 +149,9 @@ def check_backward(fn: Callable[..., Grads]) -> None:
     ...     dx = gamma * inv_std / n * (n * dy - dbeta - x_hat * dgamma)
     ...     return dx, dgamma, dbeta
     >>> check_backward(my_backward)
-    check_backward: all 4 cases match the reference. Well done.
+    check_backward: all 5 cases match the reference. Well done.
     """
-    specs = [((4, 3), 0, 1e-5), ((6, 5), 1, 0.5), ((3, 7), 2, 1e-3), ((10, 4), 3, 1e-5)]
+    specs = [((4, 3), 0, 1e-5), ((6, 5), 1, 0.5), ((3, 7), 2, 1e-3), ((10, 4), 3, 1e-5), ((12, 6), 4, 1e-5, np.float32)]
     run_cases(fn, "check_backward", "fn(dy, x, gamma, beta, eps) -> (dx, dgamma, dbeta)",
               [_backward_case(*spec) for spec in specs])
 
@@ -226,7 +222,7 @@ def check_conv_forward(fn: Callable[..., np.ndarray]) -> None:
     run_cases(fn, "check_conv_forward", "fn(x, gamma, beta, eps) -> y", [_conv_forward_case(*spec) for spec in specs])
 
 
-def _conv_dx_mistakes(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, eps: float) -> list[tuple]:
+def _conv_dx_mistakes(dy: np.ndarray, x: np.ndarray, gamma: np.ndarray, eps: float) -> list[Mistake]:
     """The catalogue for the convolutional dx; dy, x: (N, C, H, W) in float64."""
     n, c = x.shape[:2]
     x_hat = normalize(x, eps, axis=_CONV_AXES)
@@ -361,7 +357,7 @@ def _batch_of_two_case(features: int, seed: int, eps: float, dtype: type) -> Cas
         (HINT_EPS_OUTSIDE, lambda: variant(eps_outside=True)),
     ]
 
-    def row(index: int) -> list[tuple[str, Callable[[], np.ndarray]]]:
+    def row(index: int) -> list[Mistake]:
         return [(hint, lambda wrong=wrong: wrong()[index]) for hint, wrong in catalogue]
 
     description = f"D={features}, dtype={np.dtype(dtype).name}, seed={seed}, eps={eps}"

@@ -1,5 +1,5 @@
-"""Checkers for the chapter "Inference: population statistics": the running averages, their corrections (Bessel's
-m/(m-1) and Caffe's scale factor), and folding BN into the layer before it.
+"""Checkers for the chapter "Inference: from batch to population statistics" (inference.md): the running averages,
+their corrections (Bessel's m/(m-1) and Caffe's scale factor), and folding BN into the layer before it.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bnnotes import _core, numpy_bn, numpy_variants
+from bnnotes import numpy_bn, numpy_variants
+from bnnotes._core import bessel_factor
 from bnnotes.exercises._catalogue import HINT_EPS_OUTSIDE, rng_affine, rng_features
 from bnnotes.exercises._harness import Case, NotAttempted, Output, is_real_number, reports_not_attempted, run_cases
 
@@ -24,13 +25,13 @@ _HINT_KERAS = ("this matches the Keras/TensorFlow convention new = momentum * ol
                "PyTorch, momentum is the weight of the NEW batch, new = (1 - momentum) * old + momentum * batch")
 
 
-def _running_stats_case(shape: tuple[int, int], seed: int, momentum: float) -> Case:
+def _running_stats_case(shape: tuple[int, int], seed: int, momentum: float, dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
-    x = rng_features(rng, *shape)
-    running_mean = rng.uniform(-3.0, 3.0, size=shape[1])
-    running_var = rng.uniform(0.5, 5.0, size=shape[1])
-    layer = numpy_bn.BatchNorm(shape[1], momentum=momentum)
-    layer.running_mean, layer.running_var = running_mean.copy(), running_var.copy()
+    x = rng_features(rng, *shape).astype(dtype)
+    running_mean = rng.uniform(-3.0, 3.0, size=shape[1]).astype(dtype)
+    running_var = rng.uniform(0.5, 5.0, size=shape[1]).astype(dtype)
+    layer = numpy_bn.BatchNorm(shape[1], momentum=momentum)  # its buffers are float64: the reference, then cast
+    layer.running_mean, layer.running_var = running_mean.astype(np.float64), running_var.astype(np.float64)
     layer.forward(x)
     batch_mean, unbiased, biased = x.mean(0), x.var(0, ddof=1), x.var(0)
     axis_hint = {(shape[0],): "this has one entry per example: average over the batch, axis=0"}
@@ -50,9 +51,11 @@ def _running_stats_case(shape: tuple[int, int], seed: int, momentum: float) -> C
         ("the running variance was not updated: you returned the old value", lambda: running_var),
         ("this is the batch variance alone: blend it into the running variance with the momentum", lambda: unbiased),
     ]
-    return Case(f"x.shape={shape}, seed={seed}, momentum={momentum}", (running_mean, running_var, x, momentum),
-                (Output("new_mean", layer.running_mean, mean_mistakes, axis_hint),
-                 Output("new_var", layer.running_var, var_mistakes, axis_hint)))
+    dtype_note = "" if dtype == np.float64 else ", dtype=float32"
+    return Case(f"x.shape={shape}, seed={seed}, momentum={momentum}{dtype_note}",
+                (running_mean, running_var, x, momentum),
+                (Output("new_mean", layer.running_mean.astype(dtype), mean_mistakes, axis_hint),
+                 Output("new_var", layer.running_var.astype(dtype), var_mistakes, axis_hint)))
 
 
 @reports_not_attempted
@@ -60,16 +63,17 @@ def check_running_stats(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> Non
     """Check ``fn(running_mean, running_var, x, momentum) -> (new_mean, new_var)`` in PyTorch's convention.
 
     new = (1 - momentum) * old + momentum * batch, where the batch variance is the UNBIASED one (divide by N - 1).
-    running_mean, running_var: (D,); x: (N, D). Reference: `bnnotes.numpy_bn.BatchNorm`.
+    running_mean, running_var: (D,); x: (N, D); the new values in x's dtype (one case is float32). Reference:
+    `bnnotes.numpy_bn.BatchNorm`.
 
     >>> def my_update(running_mean, running_var, x, momentum):
     ...     new_mean = (1 - momentum) * running_mean + momentum * x.mean(axis=0)
     ...     new_var = (1 - momentum) * running_var + momentum * x.var(axis=0, ddof=1)
     ...     return new_mean, new_var
     >>> check_running_stats(my_update)
-    check_running_stats: all 3 cases match the reference. Well done.
+    check_running_stats: all 4 cases match the reference. Well done.
     """
-    specs = [((4, 3), 0, 0.1), ((3, 5), 1, 0.3), ((8, 2), 2, 0.05)]
+    specs = [((4, 3), 0, 0.1), ((3, 5), 1, 0.3), ((8, 2), 2, 0.05), ((10, 4), 3, 0.1, np.float32)]
     run_cases(fn, "check_running_stats", "fn(running_mean, running_var, x, momentum) -> (new_mean, new_var)",
               [_running_stats_case(*spec) for spec in specs])
 
@@ -97,7 +101,8 @@ def check_momentum_conversion(fn: Callable[[float], float]) -> None:
         except Exception as error:
             raise AssertionError(f"{header}:\n  your function raised {type(error).__name__}: {error}") from error
         if not is_real_number(out):
-            raise AssertionError(f"{header}:\n  expected a real number, got {type(out).__name__} {out!r:.60}")
+            note = " (did you forget a `return`?)" if out is None else ""
+            raise AssertionError(f"{header}:\n  expected a real number, got {type(out).__name__} {out!r:.60}{note}")
         expected, got = 1.0 - keras_momentum, float(out)
         if not np.isclose(got, expected, rtol=1e-9, atol=1e-12):
             lines = [f"{header}:", f"  expected torch momentum {expected:.6g}, got {got:.6g}"]
@@ -127,7 +132,7 @@ def _bessel_case(m: int) -> Case:
         ("this matches 1, no correction: the biased batch variance is too small on average, because the batch "
          "mean is closer to the batch than the true mean is: E[biased var] = (m - 1) / m * sigma^2", lambda: 1.0),
     ]
-    return Case(f"m={m}", (m,), (Output("c(m)", np.float64(_core.bessel_factor(m)), mistakes, scalar=True),))
+    return Case(f"m={m}", (m,), (Output("c(m)", np.float64(bessel_factor(m)), mistakes, scalar=True),))
 
 
 @reports_not_attempted
@@ -184,7 +189,7 @@ def check_caffe_scale_factor(fn: Callable[[float, int], float]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _fold_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
+def _fold_case(shape: tuple[int, int], seed: int, eps: float, dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
     out_features, in_features = shape
     weight = rng.standard_normal(shape)
@@ -192,6 +197,8 @@ def _fold_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
     gamma, beta = rng_affine(rng, out_features)
     running_mean = rng.uniform(-4.0, 4.0, size=out_features)
     running_var = np.exp(rng.uniform(np.log(0.05), np.log(5.0), size=out_features))
+    weight, bias, gamma, beta, running_mean, running_var = (
+        v.astype(dtype) for v in (weight, bias, gamma, beta, running_mean, running_var))
     args = (weight, bias, gamma, beta, running_mean, running_var, eps)
     weight_ref, bias_ref = numpy_variants.fold_linear(*args)
     scale = gamma / np.sqrt(running_var + eps)
@@ -216,7 +223,8 @@ def _fold_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
         (HINT_EPS_OUTSIDE, lambda: (bias - running_mean) * std_outside + beta),
     ]
     layout = {shape[::-1]: "weight is (out, in), like nn.Linear's: keep that layout"}
-    return Case(f"weight.shape={shape}, seed={seed}, eps={eps}", args,
+    dtype_note = "" if dtype == np.float64 else ", dtype=float32"
+    return Case(f"weight.shape={shape}, seed={seed}, eps={eps}{dtype_note}", args,
                 (Output("folded_weight", weight_ref, weight_mistakes, layout),
                  Output("folded_bias", bias_ref, bias_mistakes)),
                 exception_hint="weight is (out, in) and the BN scale has one entry per OUTPUT feature: "
@@ -230,16 +238,16 @@ def check_fold(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
     The model is a Linear layer, y = x @ weight.T + bias with weight (out, in), followed by BN in eval mode over its
     `out` features; the folded Linear computes the same function in one layer:
     scale = gamma / sqrt(running_var + eps), folded_weight = weight * scale[:, None],
-    folded_bias = (bias - running_mean) * scale + beta. Reference: `bnnotes.numpy_variants.fold_linear` (tested to
-    equal the Linear layer composed with `bnnotes.numpy_bn.inference`).
+    folded_bias = (bias - running_mean) * scale + beta, in weight's dtype (one case is float32). Reference:
+    `bnnotes.numpy_variants.fold_linear` (tested to equal the Linear layer composed with `bnnotes.numpy_bn.inference`).
 
     >>> def my_fold(weight, bias, gamma, beta, running_mean, running_var, eps):
     ...     scale = gamma / np.sqrt(running_var + eps)
     ...     return weight * scale[:, None], (bias - running_mean) * scale + beta
     >>> check_fold(my_fold)
-    check_fold: all 3 cases match the reference. Well done.
+    check_fold: all 4 cases match the reference. Well done.
     """
-    specs = [((5, 3), 0, 1e-5), ((2, 6), 1, 0.1), ((4, 7), 2, 1e-3)]
+    specs = [((5, 3), 0, 1e-5), ((2, 6), 1, 0.1), ((4, 7), 2, 1e-3), ((6, 4), 3, 1e-5, np.float32)]
     run_cases(fn, "check_fold",
               "fn(weight, bias, gamma, beta, running_mean, running_var, eps) -> (folded_weight, folded_bias)",
               [_fold_case(*spec) for spec in specs])

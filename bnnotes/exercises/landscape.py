@@ -1,5 +1,5 @@
-"""Checkers for the chapter "How BN helps: the loss landscape": the projection of the gradient through BN
-(Santurkar et al., 2018, Theorem 4.1) and the scale invariance of a weight followed by BN.
+"""Checkers for the chapter "How does BN really help? The loss-landscape critique" (landscape.md): the projection
+of the gradient through BN (Santurkar et al., 2018, Theorem 4.1) and the scale invariance of a weight followed by BN.
 """
 
 from __future__ import annotations

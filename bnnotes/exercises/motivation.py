@@ -1,12 +1,5 @@
-"""Checkers for the chapter "Why normalize activations": full ZCA whitening, the transform BN simplifies.
-
->>> import numpy as np
->>> def my_whitening(x, eps):
-...     x_centered = x - x.mean(axis=0)
-...     eigenvalues, u = np.linalg.eigh(x_centered.T @ x_centered / len(x))
-...     return x_centered @ u @ np.diag(1 / np.sqrt(eigenvalues + eps)) @ u.T
->>> check_whitening(my_whitening)
-check_whitening: all 3 cases match the reference. Well done.
+"""Checkers for the chapter "Why normalize: internal covariate shift and what BN promises" (motivation.md): full
+ZCA whitening, the transform BN simplifies.
 """
 
 from __future__ import annotations
@@ -45,12 +38,13 @@ def _rotated_hint(expected: np.ndarray) -> Callable[[np.ndarray], str | None]:
     return hint
 
 
-def _whitening_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
+def _whitening_case(shape: tuple[int, int], seed: int, eps: float, dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
     n, d = shape
     mixing = rng.standard_normal((d, d)) + 2.0 * np.eye(d)  # correlated features
-    x = rng.uniform(-5.0, 5.0, size=d) + rng.standard_normal((n, d)) @ mixing
-    expected = numpy_variants.zca_whitening(x, eps)
+    x_given = (rng.uniform(-5.0, 5.0, size=d) + rng.standard_normal((n, d)) @ mixing).astype(dtype)
+    expected = numpy_variants.zca_whitening(x_given, eps)
+    x = x_given.astype(np.float64)  # the mistakes are computed in float64
     x_centered = x - x.mean(axis=0)
     covariance = x_centered.T @ x_centered / n
     mistakes = [
@@ -68,7 +62,8 @@ def _whitening_case(shape: tuple[int, int], seed: int, eps: float) -> Case:
         ("this matches standardizing each feature separately (that is batch norm): whitening also removes the "
          "correlations between features", lambda: normalize(x, eps)),
     ]
-    return Case(f"x.shape={shape}, seed={seed}, eps={eps}", (x, eps),
+    dtype_note = "" if dtype == np.float64 else ", dtype=float32"
+    return Case(f"x.shape={shape}, seed={seed}, eps={eps}{dtype_note}", (x_given, eps),
                 (Output("x_white", expected, mistakes, fallback_hint=_rotated_hint(expected)),),
                 exception_hint="np.cov(x) treats ROWS as variables: use np.cov(x, rowvar=False, bias=True)",
                 hint_when=("broadcast", "mismatch", "shape"))
@@ -79,15 +74,15 @@ def check_whitening(fn: Callable[[np.ndarray, float], np.ndarray]) -> None:
     """Check ``fn(x, eps) -> x_white``: full ZCA whitening of x (N, D).
 
     The output is (x - mean) @ W with W = Sigma^(-1/2) computed as U diag(1/sqrt(lambda + eps)) U^T from the biased
-    covariance Sigma = U diag(lambda) U^T; its covariance is the identity up to eps. Reference:
-    `bnnotes.numpy_variants.zca_whitening`.
+    covariance Sigma = U diag(lambda) U^T; its covariance is the identity up to eps. x_white: (N, D) in x's dtype
+    (one case is float32). Reference: `bnnotes.numpy_variants.zca_whitening`.
 
     >>> def my_whitening(x, eps):
     ...     x_centered = x - x.mean(axis=0)
     ...     eigenvalues, u = np.linalg.eigh(x_centered.T @ x_centered / len(x))
     ...     return x_centered @ u @ np.diag(1 / np.sqrt(eigenvalues + eps)) @ u.T
     >>> check_whitening(my_whitening)
-    check_whitening: all 3 cases match the reference. Well done.
+    check_whitening: all 4 cases match the reference. Well done.
     """
-    specs = [((12, 3), 0, 1e-5), ((40, 5), 1, 0.1), ((9, 4), 2, 1e-3)]
+    specs = [((12, 3), 0, 1e-5), ((40, 5), 1, 0.1), ((9, 4), 2, 1e-3), ((30, 4), 3, 0.1, np.float32)]
     run_cases(fn, "check_whitening", "fn(x, eps) -> x_white", [_whitening_case(*spec) for spec in specs])

@@ -1,5 +1,5 @@
-"""Checkers for the chapter "Where BN breaks": Batch Renormalization (Ioffe, 2017), its correction r and d, and its
-training forward.
+"""Checkers for the chapter "Pitfalls: when BN breaks" (pitfalls.md): Batch Renormalization (Ioffe, 2017), its
+correction r and d, and its training forward.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 
 from bnnotes import numpy_variants
 from bnnotes.exercises._catalogue import HINT_UNBIASED, rng_affine, rng_features
-from bnnotes.exercises._harness import Case, Output, reports_not_attempted, run_cases
+from bnnotes.exercises._harness import Case, Mistake, Output, reports_not_attempted, run_cases
 
 __all__ = ["check_renorm_correction", "check_renorm_forward"]
 
@@ -26,7 +26,7 @@ def _running_statistics(rng: np.random.Generator, batch_mean: np.ndarray, batch_
 
 
 def _correction_mistakes(batch_mean: np.ndarray, batch_std: np.ndarray, running_mean: np.ndarray,
-                         running_std: np.ndarray, r_max: float, d_max: float) -> tuple[list, list]:
+                         running_std: np.ndarray, r_max: float, d_max: float) -> tuple[list[Mistake], list[Mistake]]:
     """The catalogues for r and for d."""
     raw_r, raw_d = batch_std / running_std, (batch_mean - running_mean) / running_std
     r_mistakes = [
@@ -89,13 +89,15 @@ def check_renorm_correction(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) ->
               [_correction_case(*spec) for spec in specs])
 
 
-def _renorm_forward_case(shape: tuple[int, int], seed: int, r_max: float, d_max: float, eps: float) -> Case:
+def _renorm_forward_case(shape: tuple[int, int], seed: int, r_max: float, d_max: float, eps: float,
+                         dtype: type = np.float64) -> Case:
     rng = np.random.default_rng(seed)
     n, features = shape
-    x = rng_features(rng, n, features)
-    gamma, beta = rng_affine(rng, features)
+    x = rng_features(rng, n, features).astype(dtype)
+    gamma, beta = (v.astype(dtype) for v in rng_affine(rng, features))
     batch_mean, batch_std = x.mean(axis=0), np.sqrt(x.var(axis=0) + eps)
-    running_mean, running_std = _running_statistics(rng, batch_mean, batch_std, r_max, d_max)
+    running_mean, running_std = (v.astype(dtype) for v in _running_statistics(rng, batch_mean, batch_std, r_max,
+                                                                              d_max))
     args = (x, gamma, beta, running_mean, running_std, r_max, d_max, eps)
     y_ref, r_ref, d_ref = numpy_variants.renorm_forward(*args)
     unbiased_std = np.sqrt(x.var(axis=0, ddof=1) + eps)
@@ -118,7 +120,8 @@ def _renorm_forward_case(shape: tuple[int, int], seed: int, r_max: float, d_max:
         (HINT_UNBIASED, lambda: gamma * ((x - batch_mean) / unbiased_std * r_ref + d_ref) + beta),
     ]
     axis_hint = {(n,): "this has one entry per example: r and d are per feature, from statistics over axis=0"}
-    return Case(f"x.shape={shape}, seed={seed}, r_max={r_max}, d_max={d_max}, eps={eps}", args,
+    dtype_note = "" if dtype == np.float64 else ", dtype=float32"
+    return Case(f"x.shape={shape}, seed={seed}, r_max={r_max}, d_max={d_max}, eps={eps}{dtype_note}", args,
                 (Output("y", y_ref, y_mistakes), Output("r", r_ref, r_mistakes, axis_hint),
                  Output("d", d_ref, d_mistakes, axis_hint)),
                 report_order=(1, 2, 0))  # r and d first: a wrong y often follows from them
@@ -128,7 +131,8 @@ def _renorm_forward_case(shape: tuple[int, int], seed: int, r_max: float, d_max:
 def check_renorm_forward(fn: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
     """Check ``fn(x, gamma, beta, running_mean, running_std, r_max, d_max, eps) -> (y, r, d)``.
 
-    Batch Renormalization's training forward (Ioffe, 2017, Algorithm 1) for x (N, D); r, d: (D,). Reference:
+    Batch Renormalization's training forward (Ioffe, 2017, Algorithm 1) for x (N, D); r, d: (D,); all three in x's
+    dtype (one case is float32). Reference:
     `bnnotes.numpy_variants.renorm_forward` (cross-checked in the tests against `bnnotes.renorm.BatchRenorm1d`).
 
     >>> def my_renorm(x, gamma, beta, running_mean, running_std, r_max, d_max, eps):
@@ -137,8 +141,9 @@ def check_renorm_forward(fn: Callable[..., tuple[np.ndarray, np.ndarray, np.ndar
     ...     d = np.clip((batch_mean - running_mean) / running_std, -d_max, d_max)
     ...     return gamma * ((x - batch_mean) / batch_std * r + d) + beta, r, d
     >>> check_renorm_forward(my_renorm)
-    check_renorm_forward: all 3 cases match the reference. Well done.
+    check_renorm_forward: all 4 cases match the reference. Well done.
     """
-    specs = [((5, 6), 0, 2.0, 1.0, 1e-5), ((4, 8), 1, 3.0, 2.0, 0.1), ((12, 7), 2, 1.5, 0.5, 1e-3)]
+    specs = [((5, 6), 0, 2.0, 1.0, 1e-5), ((4, 8), 1, 3.0, 2.0, 0.1), ((12, 7), 2, 1.5, 0.5, 1e-3),
+             ((10, 6), 3, 2.0, 1.0, 1e-5, np.float32)]
     signature = "fn(x, gamma, beta, running_mean, running_std, r_max, d_max, eps) -> (y, r, d)"
     run_cases(fn, "check_renorm_forward", signature, [_renorm_forward_case(*spec) for spec in specs])

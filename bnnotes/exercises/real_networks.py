@@ -1,4 +1,6 @@
-"""Checkers for the chapter "BN in real networks": LayerNorm, and a prediction about residual streams."""
+"""Checkers for the chapter "BN in real networks, and what replaced it" (real_networks.md): LayerNorm, and a
+prediction about residual streams.
+"""
 
 from __future__ import annotations
 
