@@ -345,7 +345,7 @@ class exercise_list(nodes.General, nodes.Element):  # noqa: N801 (docutils node 
 
 
 class ExercisesDirective(SphinxDirective):
-    """``{bnnotes-exercises}`` — the list of every ``ex-...`` label of the book, grouped by chapter, with links."""
+    """``{bnnotes-exercises}`` — the list of every ``ex-...`` label of the book, by chapter, then by kind, with links."""
 
     has_content = False
 
