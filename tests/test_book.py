@@ -226,6 +226,56 @@ def test_docstring_escaping_keeps_markup_and_neutralizes_plain_text() -> None:
     ]
 
 
+def _build_exercises_page(tmp_path: Path, chapter: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Build a two-page book (one chapter, the exercises page) with the book's extension, as the book loads it."""
+    (tmp_path / "conf.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT / 'book' / '_ext')!r})\n"
+        'extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx_exercise", "bnnotes_book"]\n'
+    )
+    (tmp_path / "index.md").write_text("# Book\n\n```{toctree}\nchapter\nexercises\n```\n")
+    (tmp_path / "chapter.md").write_text(chapter)
+    (tmp_path / "exercises.md").write_text("# Exercises\n\n```{bnnotes-exercises}\n```\n")
+    build = subprocess.run([sys.executable, "-m", "sphinx", "-b", "html", "-q", ".", "_build"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    page = tmp_path / "_build" / "exercises.html"
+    return build, page.read_text(encoding="utf-8") if page.exists() else ""
+
+
+def _exercise(label: str, title: str) -> str:
+    return f"```{{exercise-start}} {title}\n:label: {label}\n```\nThe task.\n```{{exercise-end}}\n```\n\n"
+
+
+def test_exercises_page_groups_each_chapter_by_kind(tmp_path: Path) -> None:
+    """Kinds in the order Predict, Derive, Implement, Explore, whatever the page order; the kind leaves the title."""
+    chapter = "# A chapter\n\n" + "".join([
+        _exercise("ex-chapter-forward", "Implement: the forward pass"),
+        _exercise("ex-chapter-ablation", "Explore: mean-only BN"),
+        _exercise("ex-chapter-stream", "Predict: the stream at depth 8"),
+        _exercise("ex-chapter-bessel", "Derive: Bessel's factor m/(m-1)"),
+        _exercise("ex-chapter-backward", "Implement: the backward pass"),
+    ])
+    build, html = _build_exercises_page(tmp_path, chapter)
+    assert build.returncode == 0 and not build.stderr.strip(), f"the small book should build cleanly: {build.stderr}"
+    text = re.sub(r"<[^>]+>", "", html)
+    expected = ["A chapter (5)", "Predict (1)", "the stream at depth 8", "Derive (1)", "Bessel's factor m/(m-1)",
+                "Implement (2)", "the forward pass", "the backward pass", "Explore (1)", "mean-only BN"]
+    positions = [text.find(part) for part in expected]
+    assert -1 not in positions, f"the exercises page lacks {expected[positions.index(-1)]!r}: {text[:2000]}"
+    assert positions == sorted(positions), f"expected {expected} in this order on the exercises page"
+    assert "Implement: the forward pass" not in text, "under its kind's heading the title should drop the prefix"
+    links = set(_parse(tmp_path / "_build" / "exercises.html").links)
+    for label in ("forward", "ablation", "stream", "bessel", "backward"):
+        assert f"chapter.html#ex-chapter-{label}" in links, f"no link to ex-chapter-{label}: {sorted(links)}"
+
+
+def test_exercises_page_warns_about_a_title_without_its_kind(tmp_path: Path) -> None:
+    build, html = _build_exercises_page(tmp_path, "# A chapter\n\n" + _exercise("ex-chapter-whiten", "Whiten a batch"))
+    assert "ex-chapter-whiten is titled 'Whiten a batch', which does not start with its kind" in build.stderr, (
+        f"a title without 'Predict:', 'Derive:', 'Implement:' or 'Explore:' should be a warning: {build.stderr!r}"
+    )
+    assert "Other (1)" in re.sub(r"<[^>]+>", "", html), "the exercise is still listed, under Other"
+
+
 def test_exercises_page_links_every_exercise(built_book: Path) -> None:
     labels = {
         (page, label)

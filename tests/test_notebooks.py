@@ -106,6 +106,8 @@ def test_first_code_cell_installs_bnnotes_on_colab_only(source: Path) -> None:
 
 
 EXERCISE_START = re.compile(r"^```\{exercise-start\}.*\n:label: (?P<label>\S+)\s*$", re.M)
+EXERCISE_TITLE = re.compile(r"^```\{exercise-start\}(?P<title>.*)\n:label: (?P<label>\S+)\s*$", re.M)
+EXERCISE_KINDS = ("Predict", "Derive", "Implement", "Explore")  # issue 15; the exercises page groups by them
 
 
 @pytest.mark.parametrize("source", CHAPTERS, ids=IDS)
@@ -124,3 +126,14 @@ def test_chapter_ends_with_labelled_exercises(source: Path) -> None:
     everywhere = [label for other in CHAPTERS for label in EXERCISE_START.findall(other.read_text(encoding="utf-8"))]
     duplicated = sorted({label for label in labels if everywhere.count(label) > 1})
     assert not duplicated, f"exercise labels used twice in the book: {duplicated}"
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=IDS)
+def test_exercise_titles_start_with_their_kind(source: Path) -> None:
+    """'Predict: ...', 'Derive: ...', 'Implement: ...' or 'Explore: ...': the exercises page groups by the prefix."""
+    titles = {match["label"]: match["title"].strip() for match in EXERCISE_TITLE.finditer(source.read_text("utf-8"))}
+    unkinded = {label: title for label, title in titles.items()
+                if not re.match(rf"^({'|'.join(EXERCISE_KINDS)}): \S", title)}
+    assert not unkinded, (
+        f"{source.name}: exercise titles without their kind ({', '.join(k + ':' for k in EXERCISE_KINDS)}): {unkinded}"
+    )

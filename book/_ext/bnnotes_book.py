@@ -9,8 +9,10 @@ Loaded by ``_config.yml`` (``sphinx.local_extensions``), so ``jupyter-book build
   a module that fails to import fails the build, as autodoc reports it.
   bnnotes' plain-text docstrings ("x: (N, C, *spatial)") are escaped so reST does not read them as markup.
 - **Exercises page.** ``{bnnotes-exercises}`` is replaced, when the page is written, by a list of every ``ex-...``
-  label in the chapters (sphinx-exercise's ``:label:``, titled by the exercise's title), grouped by chapter in the table-of-contents order and linked. It is recomputed on every build,
-  so it cannot go stale.
+  label in the chapters (sphinx-exercise's ``:label:``, titled by the exercise's title), grouped by chapter in the
+  table-of-contents order, then by kind (the title's prefix: ``Predict:``, ``Derive:``, ``Implement:``, ``Explore:``),
+  and linked. A title without a kind is a warning (an error under ``-W``). It is recomputed on every build, so it
+  cannot go stale.
 - **Chapter run times.** ``{bnnotes-chapter-times}`` is a table of the chapters (table-of-contents order) with the
   seconds the book build took to execute each, from ``book/_data/chapter-times.json`` (``.ci/chapter-times --write``),
   and a link that opens each chapter's Colab edition. The page is rebuilt when the file changes.
@@ -304,6 +306,38 @@ def register_bibliography_style() -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 EXERCISE_LABEL = re.compile(r"^ex-[a-z0-9][a-z0-9_-]*$")
+# The four kinds of exercise, in the order the page lists them (issue 15): a title starts with one, "Derive: m/(m-1)".
+EXERCISE_KINDS = ("Predict", "Derive", "Implement", "Explore")
+UNKINDED = "Other"  # the group of titles without a kind; the build warns about each
+_KIND_PREFIX = re.compile(rf"^(?P<kind>{'|'.join(EXERCISE_KINDS)}):\s*(?P<rest>\S.*)$", re.S)
+
+
+def split_kind(title: str) -> tuple[str | None, str]:
+    """Split an exercise title into its kind and the rest; a title without a kind prefix gives (None, title).
+
+    >>> split_kind("Derive: Bessel's correction")
+    ('Derive', "Bessel's correction")
+    >>> split_kind("Whiten a batch")
+    (None, 'Whiten a batch')
+    """
+    match = _KIND_PREFIX.match(title.strip())
+    return (match["kind"], match["rest"].strip()) if match else (None, title.strip())
+
+
+def group_by_kind(items: list[tuple[str, str, str]]) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Group one chapter's (label, anchor, title) items by kind: [(kind, [(label, anchor, title without kind), ...])].
+
+    Kinds in the order of EXERCISE_KINDS, then UNKINDED; items keep their order (the page order) within a kind, and a
+    kind without items is left out.
+
+    >>> group_by_kind([("ex-a", "ex-a", "Implement: f"), ("ex-b", "ex-b", "Predict: g"), ("ex-c", "ex-c", "h")])
+    [('Predict', [('ex-b', 'ex-b', 'g')]), ('Implement', [('ex-a', 'ex-a', 'f')]), ('Other', [('ex-c', 'ex-c', 'h')])]
+    """
+    groups: dict[str, list[tuple[str, str, str]]] = {kind: [] for kind in (*EXERCISE_KINDS, UNKINDED)}
+    for label, anchor, title in items:
+        kind, rest = split_kind(title)
+        groups[kind or UNKINDED].append((label, anchor, rest))
+    return [(kind, members) for kind, members in groups.items() if members]
 
 
 class exercise_list(nodes.General, nodes.Element):  # noqa: N801 (docutils node naming)
@@ -311,7 +345,7 @@ class exercise_list(nodes.General, nodes.Element):  # noqa: N801 (docutils node 
 
 
 class ExercisesDirective(SphinxDirective):
-    """``{bnnotes-exercises}`` — the list of every ``ex-...`` label of the book, grouped by chapter, with links."""
+    """``{bnnotes-exercises}`` — the list of every ``ex-...`` label of the book, by chapter, then by kind, with links."""
 
     has_content = False
 
@@ -345,8 +379,11 @@ def _exercise_title(env: Any, docname: str, labelid: str, sectname: str) -> str:
         from sphinx_exercise.nodes import exercise_subtitle
 
         subtitle = next(iter(registered["node"].findall(exercise_subtitle)), None)
-        if subtitle is not None and subtitle.astext().strip():
-            return subtitle.astext().strip().removeprefix("(").removesuffix(")")
+        text = subtitle.astext().strip() if subtitle is not None else ""
+        if text.startswith("(") and text.endswith(")"):  # some sphinx-exercise versions wrap the title in parentheses
+            text = text[1:-1].strip()
+        if text:
+            return text
     if sectname:
         return sectname
     doctree = env.get_doctree(docname)
@@ -389,19 +426,33 @@ def render_exercises(app: Sphinx, doctree: nodes.document, fromdocname: str) -> 
         if not exercises:
             content.append(nodes.paragraph("", "No exercises yet: the chapters have not defined any (ex-...) labels."))
         for docname, items in exercises.items():
+            _warn_unkinded(docname, items)
+            chapter_uri = app.builder.get_relative_uri(fromdocname, docname)
             chapter_title = env.titles[docname].astext() if docname in env.titles else docname
-            chapter_ref = nodes.reference("", "", internal=True, refuri=app.builder.get_relative_uri(fromdocname, docname))
-            chapter_ref += nodes.Text(chapter_title)
+            chapter_ref = nodes.reference("", "", nodes.Text(chapter_title), internal=True, refuri=chapter_uri)
             heading = nodes.paragraph("", "", nodes.strong("", "", chapter_ref), nodes.Text(f" ({len(items)})"))
             heading["classes"].append("bnnotes-exercises-chapter")
-            bullets = nodes.bullet_list()
-            for name, anchor, title in items:
-                uri = app.builder.get_relative_uri(fromdocname, docname) + "#" + anchor
-                reference = nodes.reference("", title, internal=True, refuri=uri)
-                item = nodes.list_item("", nodes.paragraph("", "", reference, nodes.Text(" "), nodes.literal(name, name)))
-                bullets += item
-            content.extend([heading, bullets])
+            kinds = nodes.bullet_list(classes=["bnnotes-exercises-kinds"])
+            for kind, members in group_by_kind(items):
+                bullets = nodes.bullet_list()
+                for name, anchor, title in members:
+                    reference = nodes.reference("", title, internal=True, refuri=f"{chapter_uri}#{anchor}")
+                    bullets += nodes.list_item(
+                        "", nodes.paragraph("", "", reference, nodes.Text(" "), nodes.literal(name, name))
+                    )
+                kind_heading = nodes.paragraph("", "", nodes.emphasis("", kind), nodes.Text(f" ({len(members)})"))
+                kind_heading["classes"].append(f"bnnotes-exercises-kind-{kind.lower()}")
+                kinds += nodes.list_item("", kind_heading, bullets)
+            content.extend([heading, kinds])
         placeholder.replace_self(content)
+
+
+def _warn_unkinded(docname: str, items: list[tuple[str, str, str]]) -> None:
+    for name, _anchor, title in items:
+        if split_kind(title)[0] is None:
+            prefixes = ", ".join(f"'{kind}:'" for kind in EXERCISE_KINDS)
+            logger.warning(f"exercise {name} is titled {title!r}, which does not start with its kind ({prefixes}); "
+                           f"the exercises page groups by it: write e.g. 'Implement: {title}'", location=docname)
 
 
 def exercises_pages_outdated(app: Sphinx, env: Any) -> list[str]:
