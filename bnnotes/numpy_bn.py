@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from bnnotes._core import check_dy, check_layer_args, check_nonnegative_eps, ema_, unbiased_variance
+
 __all__ = ["forward", "backward", "backward_staged", "inference", "BatchNorm", "reduction_axes"]
 
 Cache = dict[str, Any]
@@ -46,12 +48,6 @@ def _check_x(x: Any, name: str = "x") -> np.ndarray:
     if x.shape[1] == 0:
         raise ValueError(f"{name} must have at least 1 channel, got {name}.shape={x.shape}")
     return x
-
-
-def _check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    return float(eps)
 
 
 def _check_channel_vector(v: Any, name: str, x: np.ndarray) -> np.ndarray:
@@ -87,7 +83,7 @@ def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-
     x = _check_x(x)
     gamma = _check_channel_vector(gamma, "gamma", x)
     beta = _check_channel_vector(beta, "beta", x)
-    eps = _check_eps(eps)
+    eps = check_nonnegative_eps(eps)
     m = _count_per_channel(x)
     if m < 2:
         raise ValueError(
@@ -131,7 +127,7 @@ def backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.n
         dx = (gamma * inv_std / m) * (m * dy - sum(dy) - x_hat * sum(dy * x_hat))
     """
     x_hat = cache["x_hat"]
-    dy = _check_dy(dy, x_hat.shape)
+    dy = check_dy(dy, x_hat.shape)
     ndim = x_hat.ndim
     axes = reduction_axes(ndim)
     m = cache["m"]
@@ -150,7 +146,7 @@ def backward_staged(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarra
     same result after simplification. Shapes as in `backward`.
     """
     x_hat = cache["x_hat"]
-    dy = _check_dy(dy, x_hat.shape)
+    dy = check_dy(dy, x_hat.shape)
     ndim = x_hat.ndim
     axes = reduction_axes(ndim)
     m = cache["m"]
@@ -176,15 +172,6 @@ def backward_staged(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarra
     return dx.astype(dtype, copy=False), dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
 
 
-def _check_dy(dy: Any, shape: tuple[int, ...]) -> np.ndarray:
-    dy = np.asarray(dy)
-    if dy.dtype.kind != "f":
-        raise TypeError(f"dy must be a floating-point array, got dtype {dy.dtype}")
-    if dy.shape != shape:
-        raise ValueError(f"dy has shape {dy.shape} but the forward input had shape {shape}")
-    return dy.astype(np.float64, copy=False)
-
-
 def inference(
     x: np.ndarray,
     gamma: np.ndarray,
@@ -203,7 +190,7 @@ def inference(
     array([[0.5]])
     """
     x = _check_x(x)
-    eps = _check_eps(eps)
+    eps = check_nonnegative_eps(eps)
     gamma = _check_channel_vector(gamma, "gamma", x).astype(np.float64)
     beta = _check_channel_vector(beta, "beta", x).astype(np.float64)
     running_mean = _check_channel_vector(running_mean, "running_mean", x).astype(np.float64)
@@ -232,13 +219,8 @@ class BatchNorm:
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        is_number = isinstance(momentum, (int, float, np.number)) and not isinstance(momentum, bool)
-        if momentum is not None and not (is_number and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
-        self.num_features = int(num_features)
-        self.eps = _check_eps(eps)
+        self.num_features = check_layer_args(num_features, momentum)
+        self.eps = check_nonnegative_eps(eps)
         self.momentum = momentum
         self.gamma = np.ones(num_features)
         self.beta = np.zeros(num_features)
@@ -267,10 +249,9 @@ class BatchNorm:
         self._cache = cache
         self.num_batches_tracked += 1
         momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-        m = cache["m"]
-        unbiased_var = cache["batch_var"] * m / (m - 1)
-        self.running_mean = (1.0 - momentum) * self.running_mean + momentum * cache["batch_mean"]
-        self.running_var = (1.0 - momentum) * self.running_var + momentum * unbiased_var
+        # new = (1 - momentum) * old + momentum * batch, the variance's with Bessel's correction m/(m-1)
+        ema_(self.running_mean, cache["batch_mean"], momentum)
+        ema_(self.running_var, unbiased_variance(cache["batch_var"], cache["m"]), momentum)
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:

@@ -24,16 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnnotes.torch_bn import (
+from bnnotes._core import (
     RunningStatsNorm,
-    _affine_inference,
-    _batch_mean_var,
-    _check_input,
-    _compute_dtype,
-    _normalize_backward,
-    _per_channel_affine,
-    _reduction_dims,
+    affine_inference,
+    check_input,
+    compute_dtype,
+    ema_,
+    reduction_dims,
+    values_per_channel,
 )
+from bnnotes.torch_bn import _batch_mean_var, _normalize_backward, _per_channel_affine  # TEMP until the merge
 
 __all__ = [
     "batch_renorm",
@@ -62,7 +62,7 @@ class BatchRenormFunction(torch.autograd.Function):
     Backward: up to the constant shift gamma * d + beta, the output is BN of x with gain gamma * r, so
     dx = (gamma * r / sigma_B) * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
     dgamma = sum(dy * (x_hat * r + d)) and dbeta = sum(dy), sums and means per channel over N and space
-    (`bnnotes.torch_bn._normalize_backward`). Double backward is supported, with r and d held constant.
+    (`bnnotes._core.normalize_backward`). Double backward is supported, with r and d held constant.
     """
 
     @staticmethod
@@ -77,8 +77,8 @@ class BatchRenormFunction(torch.autograd.Function):
         d_max: float,
         eps: float,
     ):
-        compute = _compute_dtype(x)
-        batch_mean, batch_var, scratch = _batch_mean_var(x, _reduction_dims(x.dim()), compute)
+        compute = compute_dtype(x)
+        batch_mean, batch_var, scratch = _batch_mean_var(x, reduction_dims(x.dim()), compute)
         batch_std = torch.sqrt(batch_var + eps)
         inv_std = batch_std.reciprocal()
         moving_std = running_std.to(compute)
@@ -137,29 +137,28 @@ def batch_renorm(
     >>> mu.tolist(), sigma.tolist()
     ([1.0], [1.0])
     """
-    _check_input(input, running_mean=running_mean, running_std=running_std, weight=weight, bias=bias)
+    check_input(input, running_mean=running_mean, running_std=running_std, weight=weight, bias=bias)
     if running_mean is None or running_std is None:
         raise ValueError("batch_renorm needs running_mean and running_std (C,) tensors in training and in eval")
     if not training:
         # Inference: y = gamma * (x - mu) / sigma + beta, a per-channel affine map; autograd handles it.
-        return _affine_inference(input, running_mean, running_std.reciprocal(), weight, bias)
+        return affine_inference(input, running_mean, running_std.reciprocal(), weight, bias)
 
     _check_clip_limits(r_max, d_max)
-    m = input.numel() // input.shape[1]
-    if m <= 1:
+    if values_per_channel(input) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
     y, batch_mean, batch_std, _r, _d = BatchRenormFunction.apply(
         input, weight, bias, running_mean, running_std, float(r_max), float(d_max), eps
     )
     with torch.no_grad():
         # mu <- mu + momentum * (mu_B - mu) and sigma <- sigma + momentum * (sigma_B - sigma): linear interpolations.
-        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
-        running_std.lerp_(batch_std.to(running_std.dtype), momentum)
+        ema_(running_mean, batch_mean, momentum)
+        ema_(running_std, batch_std, momentum)
     return y
 
 
 class _BatchRenorm(RunningStatsNorm):
-    """Shared constructor and forward of `BatchRenorm1d/2d` (state and checks: `bnnotes.torch_bn.RunningStatsNorm`).
+    """Shared constructor and forward of `BatchRenorm1d/2d` (state and checks: `bnnotes._core.RunningStatsNorm`).
 
     Parameters ``weight`` (gamma) and ``bias`` (beta) as in torch's BN; buffers ``running_mean`` (0),
     ``running_std`` (1) and ``num_batches_tracked``. ``r_max`` and ``d_max`` are plain attributes: set them between
