@@ -134,13 +134,14 @@ def reduction_dims(ndim: int) -> list[int]:
     return [0] + list(range(2, ndim))
 
 
-def per_channel(v: Tensor, ndim: int) -> Tensor:
+def per_channel(v: Any, ndim: int) -> Any:
     """View a per-channel vector (C,) as (1, C, 1, ...) so that it broadcasts against (N, C, *spatial) of `ndim` dims.
+    v: a torch tensor or a NumPy array (a view of it, not a copy).
 
-    >>> per_channel(torch.zeros(3), 4).shape
-    torch.Size([1, 3, 1, 1])
+    >>> per_channel(torch.zeros(3), 4).shape, per_channel(np.zeros(3), 3).shape
+    (torch.Size([1, 3, 1, 1]), (1, 3, 1))
     """
-    return v.view((1, -1) + (1,) * (ndim - 2))
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -152,13 +153,15 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
 
 
-def values_per_channel(x: Tensor) -> int:
-    """m, the number of values each channel's statistics average over: N * prod(spatial) for x (N, C, *spatial).
+def values_per_channel(x: Any) -> int:
+    """m, the number of values each channel's statistics average over: N * prod(spatial) for x (N, C, *spatial), a
+    torch tensor or a NumPy array (0 when x has no channel).
 
-    >>> values_per_channel(torch.zeros(8, 3, 2, 2))
-    32
+    >>> values_per_channel(torch.zeros(8, 3, 2, 2)), values_per_channel(np.zeros((5, 2)))
+    (32, 5)
     """
-    return x.numel() // x.shape[1] if x.shape[1] else 0
+    size = x.numel() if isinstance(x, Tensor) else x.size
+    return size // x.shape[1] if x.shape[1] else 0
 
 
 def is_plain(*tensors: Tensor) -> bool:

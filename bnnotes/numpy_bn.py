@@ -16,7 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from bnnotes._core import check_dy, check_layer_args, check_nonnegative_eps, ema_, unbiased_variance
+from bnnotes._core import (
+    check_dy,
+    check_layer_args,
+    check_nonnegative_eps,
+    ema_,
+    per_channel,
+    reduction_dims,
+    unbiased_variance,
+    values_per_channel,
+)
 
 __all__ = ["forward", "backward", "backward_staged", "inference", "BatchNorm", "reduction_axes"]
 
@@ -29,12 +38,7 @@ def reduction_axes(ndim: int) -> tuple[int, ...]:
     >>> reduction_axes(2), reduction_axes(4)
     ((0,), (0, 2, 3))
     """
-    return (0,) + tuple(range(2, ndim))
-
-
-def _broadcast(v: np.ndarray, ndim: int) -> np.ndarray:
-    """Reshape a per-channel vector (C,) so that it broadcasts against (N, C, *spatial)."""
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
+    return tuple(reduction_dims(ndim))
 
 
 def _check_x(x: Any, name: str = "x") -> np.ndarray:
@@ -62,10 +66,6 @@ def _check_channel_vector(v: Any, name: str, x: np.ndarray) -> np.ndarray:
     return v
 
 
-def _count_per_channel(x: np.ndarray) -> int:
-    return x.size // x.shape[1]
-
-
 def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> tuple[np.ndarray, Cache]:
     """Training-mode batch normalization (Algorithm 1 of Ioffe & Szegedy, 2015).
 
@@ -84,7 +84,7 @@ def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-
     gamma = _check_channel_vector(gamma, "gamma", x)
     beta = _check_channel_vector(beta, "beta", x)
     eps = check_nonnegative_eps(eps)
-    m = _count_per_channel(x)
+    m = values_per_channel(x)
     if m < 2:
         raise ValueError(
             f"training-mode batch norm needs more than 1 value per channel, got input of shape {x.shape} "
@@ -93,11 +93,11 @@ def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-
     axes = reduction_axes(x.ndim)
     x64 = x.astype(np.float64, copy=False)
     batch_mean = x64.mean(axis=axes)  # Algorithm 1, line 1
-    x_centered = x64 - _broadcast(batch_mean, x.ndim)
+    x_centered = x64 - per_channel(batch_mean, x.ndim)
     batch_var = np.mean(x_centered**2, axis=axes)  # line 2: the biased variance, from centred values
     inv_std = 1.0 / np.sqrt(batch_var + eps)
-    x_hat = x_centered * _broadcast(inv_std, x.ndim)  # line 3
-    y = _broadcast(gamma, x.ndim) * x_hat + _broadcast(beta, x.ndim)  # line 4
+    x_hat = x_centered * per_channel(inv_std, x.ndim)  # line 3
+    y = per_channel(gamma, x.ndim) * x_hat + per_channel(beta, x.ndim)  # line 4
     cache = {
         "x": x64,
         "x_hat": x_hat,
@@ -134,7 +134,7 @@ def backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.n
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * x_hat).sum(axis=axes)
     scale = cache["gamma"] * cache["inv_std"] / m
-    dx = _broadcast(scale, ndim) * (m * dy - _broadcast(dbeta, ndim) - x_hat * _broadcast(dgamma, ndim))
+    dx = per_channel(scale, ndim) * (m * dy - per_channel(dbeta, ndim) - x_hat * per_channel(dgamma, ndim))
     dtype = cache["dtype"]
     return dx.astype(dtype, copy=False), dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
 
@@ -153,7 +153,7 @@ def backward_staged(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarra
     x_centered = cache["x_centered"]
     batch_var = cache["batch_var"]
     eps = cache["eps"]
-    gamma = _broadcast(cache["gamma"], ndim)
+    gamma = per_channel(cache["gamma"], ndim)
 
     dx_hat = dy * gamma  # dl/dx_hat = dl/dy * gamma
     # dl/dsigma^2 = sum dl/dx_hat * (x - mu) * (-1/2) (sigma^2 + eps)^(-3/2)
@@ -162,9 +162,9 @@ def backward_staged(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarra
     dmean = np.sum(-dx_hat, axis=axes) / np.sqrt(batch_var + eps) + dvar * np.sum(-2.0 * x_centered, axis=axes) / m
     # dl/dx = dl/dx_hat / sqrt(sigma^2 + eps) + dl/dsigma^2 * 2 (x - mu) / m + dl/dmu / m
     dx = (
-        dx_hat / np.sqrt(_broadcast(batch_var, ndim) + eps)
-        + _broadcast(dvar, ndim) * 2.0 * x_centered / m
-        + _broadcast(dmean, ndim) / m
+        dx_hat / np.sqrt(per_channel(batch_var, ndim) + eps)
+        + per_channel(dvar, ndim) * 2.0 * x_centered / m
+        + per_channel(dmean, ndim) / m
     )
     dgamma = np.sum(dy * x_hat, axis=axes)  # dl/dgamma = sum dl/dy * x_hat
     dbeta = np.sum(dy, axis=axes)  # dl/dbeta = sum dl/dy
@@ -198,7 +198,7 @@ def inference(
     # Algorithm 2, line 11: one affine map per channel.
     scale = gamma / np.sqrt(running_var + eps)
     shift = beta - scale * running_mean
-    y = _broadcast(scale, x.ndim) * x.astype(np.float64, copy=False) + _broadcast(shift, x.ndim)
+    y = per_channel(scale, x.ndim) * x.astype(np.float64, copy=False) + per_channel(shift, x.ndim)
     return y.astype(x.dtype, copy=False)
 
 

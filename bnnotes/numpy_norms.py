@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bnnotes._core import check_dy, check_nonnegative_eps
+from bnnotes._core import check_dy, check_nonnegative_eps, per_channel, reduction_dims
 
 __all__ = [
     "layer_norm",
@@ -211,11 +211,6 @@ def rms_norm_backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndar
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
-    """Reshape a per-channel vector (C,) so that it broadcasts against (N, C, *spatial)."""
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
-
-
 def _check_num_groups(num_groups: Any, channels: int) -> int:
     if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
@@ -234,7 +229,7 @@ def _group_norm(
     rows = x.astype(np.float64).reshape(n * num_groups, -1)  # one row per (example, group): C/G channels x positions
     x_hat_rows, inv_std = _standardize_rows(rows, eps)
     x_hat = x_hat_rows.reshape(x.shape)
-    y = _per_channel(gamma, x.ndim) * x_hat + _per_channel(beta, x.ndim)  # the affine map stays per CHANNEL
+    y = per_channel(gamma, x.ndim) * x_hat + per_channel(beta, x.ndim)  # the affine map stays per CHANNEL
     cache = {"x_hat": x_hat, "inv_std": inv_std, "gamma": gamma, "num_groups": num_groups, "dtype": x.dtype}
     return y.astype(x.dtype, copy=False), cache
 
@@ -273,11 +268,11 @@ def group_norm_backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.nd
     x_hat = cache["x_hat"]
     dy = check_dy(dy, x_hat.shape)
     ndim = x_hat.ndim
-    per_channel_axes = (0,) + tuple(range(2, ndim))
+    per_channel_axes = tuple(reduction_dims(ndim))
     dgamma = (dy * x_hat).sum(axis=per_channel_axes)
     dbeta = dy.sum(axis=per_channel_axes)
     rows = x_hat.shape[0] * cache["num_groups"]
-    dx_hat = (dy * _per_channel(cache["gamma"], ndim)).reshape(rows, -1)
+    dx_hat = (dy * per_channel(cache["gamma"], ndim)).reshape(rows, -1)
     dx = _standardize_rows_backward(dx_hat, x_hat.reshape(rows, -1), cache["inv_std"]).reshape(x_hat.shape)
     dtype = cache["dtype"]
     return dx.astype(dtype, copy=False), dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
