@@ -242,14 +242,14 @@ def check_eps(eps: Any, batch_statistics: bool) -> None:
     >>> check_eps(0.0, batch_statistics=False)
     >>> check_eps(0.0, batch_statistics=True)
     Traceback (most recent call last):
-    ValueError: batch_norm eps must be positive during training (with batch statistics), got eps=0.0
+    ValueError: eps must be positive during training (with batch statistics), got eps=0.0
     """
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if batch_statistics and not eps > 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training (with batch statistics), got eps={eps}")
+        raise ValueError(f"eps must be positive during training (with batch statistics), got eps={eps}")
     if not eps >= 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, got {eps} (eps must be positive with batch statistics "
+        raise ValueError(f"eps must be non-negative, got {eps} (eps must be positive with batch statistics "
                          f"and non-negative with fixed ones; got eps={eps})")
 
 

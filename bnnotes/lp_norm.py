@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnnotes._core import RunningStatsNorm, ema_
+from bnnotes._core import RunningStatsNorm, check_nonnegative_eps, ema_
 
 __all__ = ["lp_batch_norm", "lp_batch_stats", "LpBatchNorm1d"]
 
@@ -118,8 +118,7 @@ class LpBatchNorm1d(RunningStatsNorm):
         dtype: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats=True, device=device, dtype=dtype)
-        if eps < 0:
-            raise ValueError(f"eps must be non-negative, got {eps!r}")
+        check_nonnegative_eps(eps)  # eps = 0 is allowed, as in the NumPy references, for exact values
         self.p = _check_p(p)
         self.centered_norm = centered_norm
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from bnnotes._core import (
     RunningStatsNorm,
     affine_inference,
+    check_eps,
     check_input,
     compute_dtype,
     ema_,
@@ -179,8 +180,7 @@ class _BatchRenorm(RunningStatsNorm):
         dtype: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats=True, device=device, dtype=dtype)
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        check_eps(eps, batch_statistics=True)  # training normalizes with batch statistics
         _check_clip_limits(r_max, d_max)
         self.r_max = r_max
         self.d_max = d_max
