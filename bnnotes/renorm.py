@@ -27,14 +27,16 @@ from torch import Tensor
 from bnnotes._core import (
     RunningStatsNorm,
     affine_inference,
+    batch_mean_var,
     check_eps,
     check_input,
     compute_dtype,
     ema_,
+    normalize_backward,
+    per_channel_affine,
     reduction_dims,
     values_per_channel,
 )
-from bnnotes.torch_bn import _batch_mean_var, _normalize_backward, _per_channel_affine  # TEMP until the merge
 
 __all__ = [
     "batch_renorm",
@@ -79,7 +81,7 @@ class BatchRenormFunction(torch.autograd.Function):
         eps: float,
     ):
         compute = compute_dtype(x)
-        batch_mean, batch_var, scratch = _batch_mean_var(x, reduction_dims(x.dim()), compute)
+        batch_mean, batch_var, scratch = batch_mean_var(x, reduction_dims(x.dim()), compute)
         batch_std = torch.sqrt(batch_var + eps)
         inv_std = batch_std.reciprocal()
         moving_std = running_std.to(compute)
@@ -91,7 +93,7 @@ class BatchRenormFunction(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.to(compute)
         scale = gain * inv_std
-        y = _per_channel_affine(x, scale, shift - batch_mean * scale, out=scratch)
+        y = per_channel_affine(x, scale, shift - batch_mean * scale, out=scratch)
         ctx.save_for_backward(x, batch_mean, inv_std, weight, r, d)
         ctx.eps = eps
         ctx.has_bias = bias is not None
@@ -104,7 +106,7 @@ class BatchRenormFunction(torch.autograd.Function):
         x, batch_mean, inv_std, weight, r, d = ctx.saved_tensors
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         gain = r if weight is None else weight.to(r.dtype) * r
-        dx, sum_dy, sum_dy_x_hat = _normalize_backward(dy, x, batch_mean, inv_std, gain, ctx.eps, need_dx)
+        dx, sum_dy, sum_dy_x_hat = normalize_backward(dy, x, batch_mean, inv_std, gain, ctx.eps, need_dx)
         if need_dx and dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
         dweight = (r * sum_dy_x_hat + d * sum_dy).to(weight.dtype) if weight is not None and need_dweight else None
