@@ -85,9 +85,9 @@ class BatchNormFunction(torch.autograd.Function):
     forward(x, weight, bias, eps): x is (N, C, *spatial) with N * prod(spatial) >= 1; weight and bias are (C,)
     tensors or None. Returns (y, batch_mean, batch_var): y with x's shape and dtype; the biased batch statistics
     (C,) in the compute dtype (float32 for half-precision x), without gradient.
-    Backward: see `normalize_backward`; dweight = sum(dy * x_hat), dbias = sum(dy). Double backward is supported,
-    and so are torch.func (``setup_context``), forward-mode AD (`jvp`) and vmap (`vmap`: the batched samples are laid
-    side by side as channels, one call for all of them).
+    Backward: see `bnnotes._core.normalize_backward`; dweight = sum(dy * x_hat), dbias = sum(dy). Double backward is
+    supported, and so are torch.func (``setup_context``), forward-mode AD (`jvp`) and vmap (`vmap`: the batched
+    samples are laid side by side as channels, one call for all of them).
 
     >>> x = torch.tensor([[1.0], [3.0]], requires_grad=True)
     >>> y, batch_mean, batch_var = BatchNormFunction.apply(x, None, None, 0.0)
