@@ -1,22 +1,36 @@
 """bnnotes: Batch Normalization, end to end.
 
-The companion library of the bnnotes course. Submodules, from the math up:
+The companion library of the bnnotes course. Its modules, in the order a learner meets them (ARCHITECTURE.md says what
+may import what):
 
-- ``bnnotes.numpy_bn``: the reference implementation in NumPy (forward, backward, inference, a stateful layer).
-- ``bnnotes.torch_bn``: the same in PyTorch with a hand-written backward, drop-in ``BatchNorm{1,2,3}d``,
-  Batch Renormalization and synchronized BN.
-- ``bnnotes.numpy_norms``: BN's successors in NumPy, in numpy_bn's style: LayerNorm, RMSNorm, GroupNorm, InstanceNorm.
-- ``bnnotes.experiments``: offline data, models, training loops and measurements used by the chapters.
-- ``bnnotes.plotting``: the one figure style of the book.
-- ``bnnotes.exercises``: checkers for the exercises.
+- ``bnnotes.numpy_bn``: the reference implementation in NumPy (forward, staged and compact backward, inference, a
+  stateful layer).
+- ``bnnotes.torch_bn``: the same in PyTorch with the closed-form backward; drop-in ``BatchNorm{1,2,3}d`` that are
+  torch's own classes computing with bnnotes.
+- ``bnnotes.conventions``: the running-statistics conventions of PyTorch, Keras and Caffe, and conversions between them.
+- ``bnnotes.folding``: folding eval-mode BN into the preceding Linear or convolution, for deployment.
+- ``bnnotes.renorm``: Batch Renormalization (Ioffe, 2017).
+- ``bnnotes.sync``: synchronized BN over ``torch.distributed``, on any backend.
+- ``bnnotes.ghost``: Ghost BN, BN over virtual sub-batches.
+- ``bnnotes.lp_norm``: ℓp batch normalization (Santurkar et al., 2018).
+- ``bnnotes.numpy_norms``: BN's successors in NumPy: LayerNorm, RMSNorm, GroupNorm, InstanceNorm.
+- ``bnnotes.variants``: teaching variants of BN (moving averages in training, detached or frozen statistics, noise).
+- ``bnnotes.convert``: every layer swap: torch's BN to bnnotes' and back, to synchronized BN, frozen BN.
+- ``bnnotes.experiments``: offline data, models, training loops and one module of measurements per chapter.
+- ``bnnotes.exercises``: checkers for the exercises, one module per chapter.
 - ``bnnotes.notebook``: what the chapters need as notebooks: ``glue`` for numbers in the prose, progress in Colab.
+- ``bnnotes.plotting``: the one figure style of the book.
+- ``bnnotes.timing``: the one interleaved-median timer, with device synchronization.
+- ``bnnotes.bench``: bnnotes' BN against torch's native kernels (``python -m bnnotes.bench``).
+- ``bnnotes._core``: the shared kernel every implementation above imports: statistics, checks, the running-average
+  update, the closed-form backward and the base class of the layers with running statistics.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["device", "seed_everything", "__version__"]
+__all__ = ["device", "__version__"]
 
 
 def device(prefer: str | None = None):
@@ -41,15 +55,3 @@ def device(prefer: str | None = None):
     if prefer not in available:
         raise ValueError(f"device {prefer!r} was requested but only {available} are available here")
     return torch.device(prefer)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (for notebooks; library code takes explicit seeds)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

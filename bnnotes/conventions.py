@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from bnnotes._core import bessel_factor, unbiased_variance
+from bnnotes._core import bessel_factor, per_channel, reduction_dims, unbiased_variance, values_per_channel
 
 __all__ = [
     "Convention",
@@ -310,11 +310,11 @@ def caffe_update(
     x = np.asarray(x, dtype=np.float64)
     if x.ndim < 2:
         raise ValueError(f"x must have shape (N, C) or (N, C, *spatial), got {x.ndim}-D x.shape={x.shape}")
-    axes = (0,) + tuple(range(2, x.ndim))
-    m = x.size // x.shape[1]
+    axes = tuple(reduction_dims(x.ndim))
+    m = values_per_channel(x)
     batch_mean = x.mean(axis=axes)
-    batch_var = ((x - batch_mean.reshape((1, -1) + (1,) * (x.ndim - 2))) ** 2).mean(axis=axes)
-    correction = m / (m - 1) if m > 1 else 1.0  # Caffe's bias_correction_factor
+    batch_var = ((x - per_channel(batch_mean, x.ndim)) ** 2).mean(axis=axes)
+    correction = bessel_factor(m) if m > 1 else 1.0  # Caffe's bias_correction_factor
     return (
         lam * np.asarray(mean_blob, dtype=np.float64) + batch_mean,
         lam * np.asarray(variance_blob, dtype=np.float64) + correction * batch_var,

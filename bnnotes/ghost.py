@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnnotes.torch_bn import BatchNormFunction, RunningStatsNorm, batch_norm
+from bnnotes._core import RunningStatsNorm, unbiased_variance
+from bnnotes.torch_bn import BatchNormFunction, batch_norm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d"]
 
@@ -52,7 +53,7 @@ def _running_update(running: Tensor, chunk_stats: Tensor, momentum: float | None
 
 
 class _GhostBatchNorm(RunningStatsNorm):
-    """Shared constructor and forward of `GhostBatchNorm1d/2d`: BN's state (`bnnotes.torch_bn.RunningStatsNorm`) plus
+    """Shared constructor and forward of `GhostBatchNorm1d/2d`: BN's state (`bnnotes._core.RunningStatsNorm`) plus
     ``virtual_batch_size``."""
 
     def __init__(
@@ -104,7 +105,7 @@ class _GhostBatchNorm(RunningStatsNorm):
             with torch.no_grad():
                 batches_before = int(self.num_batches_tracked) if self.momentum is None else 0
                 self.num_batches_tracked.add_(k)
-                unbiased_var = chunk_var * (values_per_chunk / (values_per_chunk - 1))
+                unbiased_var = unbiased_variance(chunk_var, values_per_chunk)
                 _running_update(self.running_mean, chunk_mean.view(k, channels), self.momentum, batches_before)
                 _running_update(self.running_var, unbiased_var.view(k, channels), self.momentum, batches_before)
         return y

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnnotes.torch_bn import RunningStatsNorm
+from bnnotes._core import RunningStatsNorm, check_nonnegative_eps, ema_
 
 __all__ = ["lp_batch_norm", "lp_batch_stats", "LpBatchNorm1d"]
 
@@ -95,7 +95,7 @@ class LpBatchNorm1d(RunningStatsNorm):
     num_features: C. p: 1, 2 or ``math.inf``. eps: see `lp_batch_stats`. momentum: the new batch's weight in
     ``running = (1 - momentum) * running + momentum * batch`` (``None``: cumulative average). affine: learn gamma, beta.
     centered_norm: take the norm over x - mu instead of x (see the module docstring). State and input checks are
-    `bnnotes.torch_bn.RunningStatsNorm`'s, with buffers ``running_mean`` and ``running_norm``.
+    `bnnotes._core.RunningStatsNorm`'s, with buffers ``running_mean`` and ``running_norm``.
 
     >>> layer = LpBatchNorm1d(4, p=1)
     >>> layer(torch.randn(8, 4)).shape
@@ -118,17 +118,9 @@ class LpBatchNorm1d(RunningStatsNorm):
         dtype: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats=True, device=device, dtype=dtype)
-        if eps < 0:
-            raise ValueError(f"eps must be non-negative, got {eps!r}")
+        check_nonnegative_eps(eps)  # eps = 0 is allowed, as in the NumPy references, for exact values
         self.p = _check_p(p)
         self.centered_norm = centered_norm
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 2:
-            raise ValueError(
-                f"LpBatchNorm1d({self.num_features}) expected input of shape (N, {self.num_features}), "
-                f"got {tuple(input.shape)}"
-            )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_forward_input(input)
@@ -140,8 +132,8 @@ class LpBatchNorm1d(RunningStatsNorm):
         mu, s = lp_batch_stats(input, self.p, self.eps, self.centered_norm)
         with torch.no_grad():
             momentum = self._momentum()
-            self.running_mean.mul_(1.0 - momentum).add_(mu.detach(), alpha=momentum)
-            self.running_norm.mul_(1.0 - momentum).add_(s.detach(), alpha=momentum)
+            ema_(self.running_mean, mu.detach(), momentum)
+            ema_(self.running_norm, s.detach(), momentum)
         y = (input - mu) / s
         return y * self.weight + self.bias if self.affine else y
 

@@ -16,6 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from bnnotes._core import (
+    check_dy,
+    check_layer_args,
+    check_nonnegative_eps,
+    ema_,
+    per_channel,
+    reduction_dims,
+    unbiased_variance,
+    values_per_channel,
+)
+
 __all__ = ["forward", "backward", "backward_staged", "inference", "BatchNorm", "reduction_axes"]
 
 Cache = dict[str, Any]
@@ -27,12 +38,7 @@ def reduction_axes(ndim: int) -> tuple[int, ...]:
     >>> reduction_axes(2), reduction_axes(4)
     ((0,), (0, 2, 3))
     """
-    return (0,) + tuple(range(2, ndim))
-
-
-def _broadcast(v: np.ndarray, ndim: int) -> np.ndarray:
-    """Reshape a per-channel vector (C,) so that it broadcasts against (N, C, *spatial)."""
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
+    return tuple(reduction_dims(ndim))
 
 
 def _check_x(x: Any, name: str = "x") -> np.ndarray:
@@ -48,12 +54,6 @@ def _check_x(x: Any, name: str = "x") -> np.ndarray:
     return x
 
 
-def _check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    return float(eps)
-
-
 def _check_channel_vector(v: Any, name: str, x: np.ndarray) -> np.ndarray:
     v = np.asarray(v)
     if v.dtype.kind not in "fiu":
@@ -64,10 +64,6 @@ def _check_channel_vector(v: Any, name: str, x: np.ndarray) -> np.ndarray:
             f"{name} has shape {v.shape} but x has {channels} channels (x.shape={x.shape}); expected ({channels},)"
         )
     return v
-
-
-def _count_per_channel(x: np.ndarray) -> int:
-    return x.size // x.shape[1]
 
 
 def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5) -> tuple[np.ndarray, Cache]:
@@ -87,8 +83,8 @@ def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-
     x = _check_x(x)
     gamma = _check_channel_vector(gamma, "gamma", x)
     beta = _check_channel_vector(beta, "beta", x)
-    eps = _check_eps(eps)
-    m = _count_per_channel(x)
+    eps = check_nonnegative_eps(eps)
+    m = values_per_channel(x)
     if m < 2:
         raise ValueError(
             f"training-mode batch norm needs more than 1 value per channel, got input of shape {x.shape} "
@@ -97,11 +93,11 @@ def forward(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-
     axes = reduction_axes(x.ndim)
     x64 = x.astype(np.float64, copy=False)
     batch_mean = x64.mean(axis=axes)  # Algorithm 1, line 1
-    x_centered = x64 - _broadcast(batch_mean, x.ndim)
+    x_centered = x64 - per_channel(batch_mean, x.ndim)
     batch_var = np.mean(x_centered**2, axis=axes)  # line 2: the biased variance, from centred values
     inv_std = 1.0 / np.sqrt(batch_var + eps)
-    x_hat = x_centered * _broadcast(inv_std, x.ndim)  # line 3
-    y = _broadcast(gamma, x.ndim) * x_hat + _broadcast(beta, x.ndim)  # line 4
+    x_hat = x_centered * per_channel(inv_std, x.ndim)  # line 3
+    y = per_channel(gamma, x.ndim) * x_hat + per_channel(beta, x.ndim)  # line 4
     cache = {
         "x": x64,
         "x_hat": x_hat,
@@ -131,14 +127,14 @@ def backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.n
         dx = (gamma * inv_std / m) * (m * dy - sum(dy) - x_hat * sum(dy * x_hat))
     """
     x_hat = cache["x_hat"]
-    dy = _check_dy(dy, x_hat.shape)
+    dy = check_dy(dy, x_hat.shape)
     ndim = x_hat.ndim
     axes = reduction_axes(ndim)
     m = cache["m"]
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * x_hat).sum(axis=axes)
     scale = cache["gamma"] * cache["inv_std"] / m
-    dx = _broadcast(scale, ndim) * (m * dy - _broadcast(dbeta, ndim) - x_hat * _broadcast(dgamma, ndim))
+    dx = per_channel(scale, ndim) * (m * dy - per_channel(dbeta, ndim) - x_hat * per_channel(dgamma, ndim))
     dtype = cache["dtype"]
     return dx.astype(dtype, copy=False), dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
 
@@ -150,14 +146,14 @@ def backward_staged(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarra
     same result after simplification. Shapes as in `backward`.
     """
     x_hat = cache["x_hat"]
-    dy = _check_dy(dy, x_hat.shape)
+    dy = check_dy(dy, x_hat.shape)
     ndim = x_hat.ndim
     axes = reduction_axes(ndim)
     m = cache["m"]
     x_centered = cache["x_centered"]
     batch_var = cache["batch_var"]
     eps = cache["eps"]
-    gamma = _broadcast(cache["gamma"], ndim)
+    gamma = per_channel(cache["gamma"], ndim)
 
     dx_hat = dy * gamma  # dl/dx_hat = dl/dy * gamma
     # dl/dsigma^2 = sum dl/dx_hat * (x - mu) * (-1/2) (sigma^2 + eps)^(-3/2)
@@ -166,23 +162,14 @@ def backward_staged(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarra
     dmean = np.sum(-dx_hat, axis=axes) / np.sqrt(batch_var + eps) + dvar * np.sum(-2.0 * x_centered, axis=axes) / m
     # dl/dx = dl/dx_hat / sqrt(sigma^2 + eps) + dl/dsigma^2 * 2 (x - mu) / m + dl/dmu / m
     dx = (
-        dx_hat / np.sqrt(_broadcast(batch_var, ndim) + eps)
-        + _broadcast(dvar, ndim) * 2.0 * x_centered / m
-        + _broadcast(dmean, ndim) / m
+        dx_hat / np.sqrt(per_channel(batch_var, ndim) + eps)
+        + per_channel(dvar, ndim) * 2.0 * x_centered / m
+        + per_channel(dmean, ndim) / m
     )
     dgamma = np.sum(dy * x_hat, axis=axes)  # dl/dgamma = sum dl/dy * x_hat
     dbeta = np.sum(dy, axis=axes)  # dl/dbeta = sum dl/dy
     dtype = cache["dtype"]
     return dx.astype(dtype, copy=False), dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
-
-
-def _check_dy(dy: Any, shape: tuple[int, ...]) -> np.ndarray:
-    dy = np.asarray(dy)
-    if dy.dtype.kind != "f":
-        raise TypeError(f"dy must be a floating-point array, got dtype {dy.dtype}")
-    if dy.shape != shape:
-        raise ValueError(f"dy has shape {dy.shape} but the forward input had shape {shape}")
-    return dy.astype(np.float64, copy=False)
 
 
 def inference(
@@ -203,7 +190,7 @@ def inference(
     array([[0.5]])
     """
     x = _check_x(x)
-    eps = _check_eps(eps)
+    eps = check_nonnegative_eps(eps)
     gamma = _check_channel_vector(gamma, "gamma", x).astype(np.float64)
     beta = _check_channel_vector(beta, "beta", x).astype(np.float64)
     running_mean = _check_channel_vector(running_mean, "running_mean", x).astype(np.float64)
@@ -211,7 +198,7 @@ def inference(
     # Algorithm 2, line 11: one affine map per channel.
     scale = gamma / np.sqrt(running_var + eps)
     shift = beta - scale * running_mean
-    y = _broadcast(scale, x.ndim) * x.astype(np.float64, copy=False) + _broadcast(shift, x.ndim)
+    y = per_channel(scale, x.ndim) * x.astype(np.float64, copy=False) + per_channel(shift, x.ndim)
     return y.astype(x.dtype, copy=False)
 
 
@@ -232,13 +219,8 @@ class BatchNorm:
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        is_number = isinstance(momentum, (int, float, np.number)) and not isinstance(momentum, bool)
-        if momentum is not None and not (is_number and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
-        self.num_features = int(num_features)
-        self.eps = _check_eps(eps)
+        self.num_features = check_layer_args(num_features, momentum)
+        self.eps = check_nonnegative_eps(eps)
         self.momentum = momentum
         self.gamma = np.ones(num_features)
         self.beta = np.zeros(num_features)
@@ -267,10 +249,9 @@ class BatchNorm:
         self._cache = cache
         self.num_batches_tracked += 1
         momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-        m = cache["m"]
-        unbiased_var = cache["batch_var"] * m / (m - 1)
-        self.running_mean = (1.0 - momentum) * self.running_mean + momentum * cache["batch_mean"]
-        self.running_var = (1.0 - momentum) * self.running_var + momentum * unbiased_var
+        # new = (1 - momentum) * old + momentum * batch, the variance's with Bessel's correction m/(m-1)
+        ema_(self.running_mean, cache["batch_mean"], momentum)
+        ema_(self.running_var, unbiased_variance(cache["batch_var"], cache["m"]), momentum)
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from bnnotes._core import check_dy, check_nonnegative_eps, per_channel, reduction_dims
+
 __all__ = [
     "layer_norm",
     "layer_norm_backward",
@@ -51,12 +53,6 @@ def _check_float(x: Any, name: str = "x") -> np.ndarray:
     return x
 
 
-def _check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    return float(eps)
-
-
 def _check_vector(v: Any, name: str, expected: tuple[int, ...], what: str, x: np.ndarray) -> np.ndarray:
     v = np.asarray(v)
     if v.dtype.kind not in "fiu":
@@ -72,15 +68,6 @@ def _check_channels_first(x: np.ndarray, layer: str, min_ndim: int = 2) -> None:
         raise ValueError(f"{layer} expects x of shape {layout}, got {x.ndim}-D x.shape={x.shape}")
     if x.shape[1] == 0:
         raise ValueError(f"{layer} needs at least 1 channel, got x.shape={x.shape}")
-
-
-def _check_dy(dy: Any, shape: tuple[int, ...]) -> np.ndarray:
-    dy = np.asarray(dy)
-    if dy.dtype.kind != "f":
-        raise TypeError(f"dy must be a floating-point array, got dtype {dy.dtype}")
-    if dy.shape != shape:
-        raise ValueError(f"dy has shape {dy.shape} but the forward input had shape {shape}")
-    return dy.astype(np.float64, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -148,7 +135,7 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 
     normalized_shape = _check_normalized_shape(x, gamma, "layer_norm")
     gamma = _check_vector(gamma, "gamma", normalized_shape, f"the normalized shape is {normalized_shape}", x)
     beta = _check_vector(beta, "beta", normalized_shape, f"gamma.shape={normalized_shape}", x)
-    eps = _check_eps(eps)
+    eps = check_nonnegative_eps(eps)
     rows = x.astype(np.float64).reshape(-1, int(np.prod(normalized_shape)))  # one row per normalized instance
     x_hat_rows, inv_std = _standardize_rows(rows, eps)
     x_hat = x_hat_rows.reshape(x.shape)
@@ -164,7 +151,7 @@ def layer_norm_backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.nd
     dgamma and dbeta sum over every leading axis.
     """
     x_hat = cache["x_hat"]
-    dy = _check_dy(dy, x_hat.shape)
+    dy = check_dy(dy, x_hat.shape)
     normalized_shape = cache["normalized_shape"]
     leading = tuple(range(x_hat.ndim - len(normalized_shape)))
     dgamma = (dy * x_hat).sum(axis=leading)
@@ -191,7 +178,7 @@ def rms_norm(x: np.ndarray, gamma: np.ndarray, eps: float = 1e-5) -> tuple[np.nd
     x = _check_float(x)
     normalized_shape = _check_normalized_shape(x, gamma, "rms_norm")
     gamma = _check_vector(gamma, "gamma", normalized_shape, f"the normalized shape is {normalized_shape}", x)
-    eps = _check_eps(eps)
+    eps = check_nonnegative_eps(eps)
     rows = x.astype(np.float64).reshape(-1, int(np.prod(normalized_shape)))
     inv_rms = 1.0 / np.sqrt(np.mean(rows**2, axis=1, keepdims=True) + eps)
     x_hat = (rows * inv_rms).reshape(x.shape)
@@ -207,7 +194,7 @@ def rms_norm_backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndar
     the mean along each example's normalized axes.
     """
     x_hat = cache["x_hat"]
-    dy = _check_dy(dy, x_hat.shape)
+    dy = check_dy(dy, x_hat.shape)
     normalized_shape = cache["normalized_shape"]
     leading = tuple(range(x_hat.ndim - len(normalized_shape)))
     dgamma = (dy * x_hat).sum(axis=leading)
@@ -222,11 +209,6 @@ def rms_norm_backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndar
 # --------------------------------------------------------------------------------------------------------------------
 # GroupNorm and InstanceNorm: x is (N, C, *spatial), gamma and beta are per channel (C,)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
-    """Reshape a per-channel vector (C,) so that it broadcasts against (N, C, *spatial)."""
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def _check_num_groups(num_groups: Any, channels: int) -> int:
@@ -247,7 +229,7 @@ def _group_norm(
     rows = x.astype(np.float64).reshape(n * num_groups, -1)  # one row per (example, group): C/G channels x positions
     x_hat_rows, inv_std = _standardize_rows(rows, eps)
     x_hat = x_hat_rows.reshape(x.shape)
-    y = _per_channel(gamma, x.ndim) * x_hat + _per_channel(beta, x.ndim)  # the affine map stays per CHANNEL
+    y = per_channel(gamma, x.ndim) * x_hat + per_channel(beta, x.ndim)  # the affine map stays per CHANNEL
     cache = {"x_hat": x_hat, "inv_std": inv_std, "gamma": gamma, "num_groups": num_groups, "dtype": x.dtype}
     return y.astype(x.dtype, copy=False), cache
 
@@ -275,7 +257,7 @@ def group_norm(
     what = f"x has {channels} channels (gamma is per channel, not per group)"
     gamma = _check_vector(gamma, "gamma", (channels,), what, x)
     beta = _check_vector(beta, "beta", (channels,), what, x)
-    return _group_norm(x, num_groups, gamma, beta, _check_eps(eps))
+    return _group_norm(x, num_groups, gamma, beta, check_nonnegative_eps(eps))
 
 
 def group_norm_backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -284,13 +266,13 @@ def group_norm_backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.nd
     dx is BN's projection along each (example, group) row; dgamma and dbeta sum over the batch and every position.
     """
     x_hat = cache["x_hat"]
-    dy = _check_dy(dy, x_hat.shape)
+    dy = check_dy(dy, x_hat.shape)
     ndim = x_hat.ndim
-    per_channel_axes = (0,) + tuple(range(2, ndim))
+    per_channel_axes = tuple(reduction_dims(ndim))
     dgamma = (dy * x_hat).sum(axis=per_channel_axes)
     dbeta = dy.sum(axis=per_channel_axes)
     rows = x_hat.shape[0] * cache["num_groups"]
-    dx_hat = (dy * _per_channel(cache["gamma"], ndim)).reshape(rows, -1)
+    dx_hat = (dy * per_channel(cache["gamma"], ndim)).reshape(rows, -1)
     dx = _standardize_rows_backward(dx_hat, x_hat.reshape(rows, -1), cache["inv_std"]).reshape(x_hat.shape)
     dtype = cache["dtype"]
     return dx.astype(dtype, copy=False), dgamma.astype(dtype, copy=False), dbeta.astype(dtype, copy=False)
@@ -314,7 +296,7 @@ def instance_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float
     channels = x.shape[1]
     gamma = _check_vector(gamma, "gamma", (channels,), f"x has {channels} channels", x)
     beta = _check_vector(beta, "beta", (channels,), f"x has {channels} channels", x)
-    return _group_norm(x, channels, gamma, beta, _check_eps(eps))
+    return _group_norm(x, channels, gamma, beta, check_nonnegative_eps(eps))
 
 
 def instance_norm_backward(dy: np.ndarray, cache: Cache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

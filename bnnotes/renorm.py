@@ -24,15 +24,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bnnotes.torch_bn import (
+from bnnotes._core import (
     RunningStatsNorm,
-    _affine_inference,
-    _batch_mean_var,
-    _check_input,
-    _compute_dtype,
-    _normalize_backward,
-    _per_channel_affine,
-    _reduction_dims,
+    affine_inference,
+    batch_mean_var,
+    check_eps,
+    check_input,
+    compute_dtype,
+    ema_,
+    normalize_backward,
+    per_channel_affine,
+    reduction_dims,
+    values_per_channel,
 )
 
 __all__ = [
@@ -62,7 +65,7 @@ class BatchRenormFunction(torch.autograd.Function):
     Backward: up to the constant shift gamma * d + beta, the output is BN of x with gain gamma * r, so
     dx = (gamma * r / sigma_B) * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
     dgamma = sum(dy * (x_hat * r + d)) and dbeta = sum(dy), sums and means per channel over N and space
-    (`bnnotes.torch_bn._normalize_backward`). Double backward is supported, with r and d held constant.
+    (`bnnotes._core.normalize_backward`). Double backward is supported, with r and d held constant.
     """
 
     @staticmethod
@@ -77,8 +80,8 @@ class BatchRenormFunction(torch.autograd.Function):
         d_max: float,
         eps: float,
     ):
-        compute = _compute_dtype(x)
-        batch_mean, batch_var, scratch = _batch_mean_var(x, _reduction_dims(x.dim()), compute)
+        compute = compute_dtype(x)
+        batch_mean, batch_var, scratch = batch_mean_var(x, reduction_dims(x.dim()), compute)
         batch_std = torch.sqrt(batch_var + eps)
         inv_std = batch_std.reciprocal()
         moving_std = running_std.to(compute)
@@ -90,7 +93,7 @@ class BatchRenormFunction(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.to(compute)
         scale = gain * inv_std
-        y = _per_channel_affine(x, scale, shift - batch_mean * scale, out=scratch)
+        y = per_channel_affine(x, scale, shift - batch_mean * scale, out=scratch)
         ctx.save_for_backward(x, batch_mean, inv_std, weight, r, d)
         ctx.eps = eps
         ctx.has_bias = bias is not None
@@ -103,7 +106,7 @@ class BatchRenormFunction(torch.autograd.Function):
         x, batch_mean, inv_std, weight, r, d = ctx.saved_tensors
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         gain = r if weight is None else weight.to(r.dtype) * r
-        dx, sum_dy, sum_dy_x_hat = _normalize_backward(dy, x, batch_mean, inv_std, gain, ctx.eps, need_dx)
+        dx, sum_dy, sum_dy_x_hat = normalize_backward(dy, x, batch_mean, inv_std, gain, ctx.eps, need_dx)
         if need_dx and dx.dtype != x.dtype:
             dx = dx.to(x.dtype)
         dweight = (r * sum_dy_x_hat + d * sum_dy).to(weight.dtype) if weight is not None and need_dweight else None
@@ -137,29 +140,28 @@ def batch_renorm(
     >>> mu.tolist(), sigma.tolist()
     ([1.0], [1.0])
     """
-    _check_input(input, running_mean=running_mean, running_std=running_std, weight=weight, bias=bias)
+    check_input(input, running_mean=running_mean, running_std=running_std, weight=weight, bias=bias)
     if running_mean is None or running_std is None:
         raise ValueError("batch_renorm needs running_mean and running_std (C,) tensors in training and in eval")
     if not training:
         # Inference: y = gamma * (x - mu) / sigma + beta, a per-channel affine map; autograd handles it.
-        return _affine_inference(input, running_mean, running_std.reciprocal(), weight, bias)
+        return affine_inference(input, running_mean, running_std.reciprocal(), weight, bias)
 
     _check_clip_limits(r_max, d_max)
-    m = input.numel() // input.shape[1]
-    if m <= 1:
+    if values_per_channel(input) <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.shape}")
     y, batch_mean, batch_std, _r, _d = BatchRenormFunction.apply(
         input, weight, bias, running_mean, running_std, float(r_max), float(d_max), eps
     )
     with torch.no_grad():
         # mu <- mu + momentum * (mu_B - mu) and sigma <- sigma + momentum * (sigma_B - sigma): linear interpolations.
-        running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
-        running_std.lerp_(batch_std.to(running_std.dtype), momentum)
+        ema_(running_mean, batch_mean, momentum)
+        ema_(running_std, batch_std, momentum)
     return y
 
 
 class _BatchRenorm(RunningStatsNorm):
-    """Shared constructor and forward of `BatchRenorm1d/2d` (state and checks: `bnnotes.torch_bn.RunningStatsNorm`).
+    """Shared constructor and forward of `BatchRenorm1d/2d` (state and checks: `bnnotes._core.RunningStatsNorm`).
 
     Parameters ``weight`` (gamma) and ``bias`` (beta) as in torch's BN; buffers ``running_mean`` (0),
     ``running_std`` (1) and ``num_batches_tracked``. ``r_max`` and ``d_max`` are plain attributes: set them between
@@ -180,8 +182,7 @@ class _BatchRenorm(RunningStatsNorm):
         dtype: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats=True, device=device, dtype=dtype)
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        check_eps(eps, batch_statistics=True)  # training normalizes with batch statistics
         _check_clip_limits(r_max, d_max)
         self.r_max = r_max
         self.d_max = d_max

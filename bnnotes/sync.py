@@ -41,7 +41,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bnnotes.torch_bn import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm
+from bnnotes._core import (
+    LOW_PRECISION,
+    check_channels,
+    check_eps,
+    check_input_dim,
+    compute_dtype,
+    ema_,
+    per_channel,
+    reduction_dims,
+    step_momentum,
+    unbiased_variance,
+)
+from bnnotes.convert import convert_sync_batchnorm
+from bnnotes.torch_bn import batch_norm
 
 __all__ = [
     "combine_statistics",
@@ -54,7 +67,6 @@ __all__ = [
 
 # Statistics and gradient sums travel in float64 (see the module docstring).
 _WIRE_DTYPE = torch.float64
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def sync_world_size(process_group: Any = None) -> int:
@@ -103,11 +115,6 @@ def combine_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tupl
     return mean, (within + between) / count, count
 
 
-def _per_channel(v: Tensor, ndim: int) -> Tensor:
-    """View a (C,) vector so that it broadcasts against (N, C, *spatial)."""
-    return v.view((1, -1) + (1,) * (ndim - 2))
-
-
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BN over the union of all ranks' batches, with a closed-form backward.
 
@@ -127,14 +134,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, process_group: Any):
         ndim, channels = x.dim(), x.shape[1]
-        dims = [0] + list(range(2, ndim))
-        compute = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+        dims = reduction_dims(ndim)
+        compute = compute_dtype(x)
         xc = x.to(compute)
         local_count = x.numel() // channels
 
         # This rank's statistics by two passes (the mean, then squared deviations from it), sent in float64.
         local_mean = xc.sum(dims, dtype=_WIRE_DTYPE) / max(local_count, 1)
-        local_var = (xc - _per_channel(local_mean.to(compute), ndim)).square().sum(dims, dtype=_WIRE_DTYPE)
+        local_var = (xc - per_channel(local_mean.to(compute), ndim)).square().sum(dims, dtype=_WIRE_DTYPE)
         local_var = local_var / max(local_count, 1)
         count_tensor = torch.tensor([float(local_count)], dtype=_WIRE_DTYPE, device=x.device)
 
@@ -155,12 +162,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
             )
 
         inv_std = torch.rsqrt(batch_var + eps).to(compute)
-        x_hat = (xc - _per_channel(batch_mean.to(compute), ndim)) * _per_channel(inv_std, ndim)
+        x_hat = (xc - per_channel(batch_mean.to(compute), ndim)) * per_channel(inv_std, ndim)
         y = x_hat
         if weight is not None:
-            y = y * _per_channel(weight.to(compute), ndim)
+            y = y * per_channel(weight.to(compute), ndim)
         if bias is not None:
-            y = y + _per_channel(bias.to(compute), ndim)
+            y = y + per_channel(bias.to(compute), ndim)
         ctx.save_for_backward(x_hat, inv_std, weight, count)
         ctx.has_bias = bias is not None
         ctx.input_dtype = x.dtype
@@ -173,7 +180,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dvar: Tensor, _dcount: Tensor):
         x_hat, inv_std, weight, count = ctx.saved_tensors
         ndim = x_hat.dim()
-        dims = [0] + list(range(2, ndim))
+        dims = reduction_dims(ndim)
         channels = x_hat.shape[1]
         dy = dy.to(x_hat.dtype)
         local_sums = torch.cat([dy.sum(dims, dtype=_WIRE_DTYPE), (dy * x_hat).sum(dims, dtype=_WIRE_DTYPE)])
@@ -187,7 +194,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             mean_dy_x_hat = (global_sums[channels:] / count).to(x_hat.dtype)
             scale = inv_std if weight is None else inv_std * weight.to(x_hat.dtype)
             # The gradient of x_hat, projected off 1 and off x_hat over the global batch, then scaled by weight / sigma.
-            dx = (dy - _per_channel(mean_dy, ndim) - x_hat * _per_channel(mean_dy_x_hat, ndim)) * _per_channel(
+            dx = (dy - per_channel(mean_dy, ndim) - x_hat * per_channel(mean_dy_x_hat, ndim)) * per_channel(
                 scale, ndim
             )
             dx = dx.to(ctx.input_dtype)
@@ -249,19 +256,11 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if not input.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
-        if input.dim() < 2:
-            raise ValueError(
-                f"SyncBatchNorm expected input of shape (N, C) or (N, C, *spatial), got {input.dim()}-D input "
-                f"of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"SyncBatchNorm({self.num_features}) expected {self.num_features} channels, got input with "
-                f"{input.shape[1]} channels (input.shape={tuple(input.shape)})"
-            )
+        check_input_dim(self, input, None, "(N, C) or (N, C, *spatial)")
+        check_channels(self, input)
         # As torch: parameters in the input's dtype, or float32 parameters for float16/bfloat16 input.
         for name, t in (("weight", self.weight), ("running_mean", self.running_mean)):
-            mixed_precision = input.dtype in _LOW_PRECISION and t is not None and t.dtype == torch.float32
+            mixed_precision = input.dtype in LOW_PRECISION and t is not None and t.dtype == torch.float32
             if t is not None and t.dtype != input.dtype and not mixed_precision:
                 raise TypeError(
                     f"input is {input.dtype} but the layer's {name} is {t.dtype}; expected the same dtype (or float32 "
@@ -272,21 +271,15 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         self._check_input(input)
         # torch's rules (nn.SyncBatchNorm.forward), line for line: the newest batch's weight in the running averages,
         # momentum=None being the cumulative average 1/t at the t-th counted batch ...
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = step_momentum(
+            self.momentum, self.num_batches_tracked if self.track_running_stats else None, self.training
+        )
         # ... batch statistics in training, and in eval only when there are no running buffers ...
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # ... buffers updated only while training with track_running_stats ...
         update = not self.training or self.track_running_stats
         # ... eps > 0 with batch statistics, eps >= 0 with running ones (torch's rules, so as not to return NaN) ...
-        if self.eps < 0 or (use_batch_stats and self.eps <= 0):
-            raise ValueError(
-                f"eps must be positive when normalizing with batch statistics (training, or eval without running "
-                f"buffers) and non-negative otherwise, got eps={self.eps}"
-            )
+        check_eps(self.eps, batch_statistics=use_batch_stats)
         running_mean = self.running_mean if update else None
         running_var = self.running_var if update else None
         # ... and synchronization only while training, over more than one rank.
@@ -299,14 +292,14 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         )
         if running_mean is not None:
             with torch.no_grad():
-                unbiased_var = batch_var * (count / (count - 1))
-                running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(unbiased_var.to(running_var.dtype), momentum)
+                ema_(running_mean, batch_mean, momentum)
+                ema_(running_var, unbiased_variance(batch_var, int(count)), momentum)
         return y
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
-        """bnnotes' converter, `convert_sync_batchnorm` (torch's, inherited, would build torch's layers)."""
+        """`bnnotes.convert.convert_sync_batchnorm` under torch's spelling (torch's, inherited, would build torch's
+        layers)."""
         return convert_sync_batchnorm(module, process_group)
 
 
@@ -323,87 +316,3 @@ class DistributedDataParallel(nn.parallel.DistributedDataParallel):
         torch_layers = [m for m in modules if isinstance(m, nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm)]
         if self.device_type != "cpu" or torch_layers:
             super()._passing_sync_batchnorm_handle(module)
-
-
-# The layers `convert_sync_batchnorm` replaces: exactly these types, so that layers which only look like BN (Batch
-# Renorm, Ghost BN) are left alone.
-_CONVERTIBLE = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    SyncBatchNorm,
-)
-
-# nn.Module's hook registries. The converted layer takes over the old layer's dictionaries themselves, so a hook's
-# RemovableHandle, obtained before the conversion, removes it from the new layer too.
-_HOOK_REGISTRIES = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_is_full_backward_hook",
-    "_state_dict_pre_hooks",
-    "_state_dict_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-)
-
-
-def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
-    """Replace every BatchNorm layer in `module` by a `SyncBatchNorm`, like ``nn.SyncBatchNorm.convert_sync_batchnorm``.
-
-    Converts torch.nn's ``BatchNorm{1,2,3}d`` and ``SyncBatchNorm`` and bnnotes' ``BatchNorm{1,2,3}d`` (exactly these
-    types). What the new layer keeps of the old one:
-
-    - its parameter and buffer *tensors* themselves (so an optimizer built before the conversion still updates them),
-      with their device, dtype and requires_grad;
-    - its hyper-parameters (num_features, eps, momentum, affine, bias or not, track_running_stats), its train/eval
-      mode and its ``qconfig`` if it has one (as torch's converter);
-    - its hooks: forward, forward-pre, backward (module and full), state-dict and load-state-dict hooks, by taking
-      over the registries themselves, so handles obtained before the conversion still remove them.
-
-    Not kept: any other attribute set on the old layer instance, and the old layer's identity (a reference to it
-    elsewhere still points at the old, unconverted layer).
-    process_group: see `SyncBatchNorm`. Returns the converted module: `module` itself, changed in place, unless
-    `module` is a BN layer, in which case the new layer.
-
-    >>> net = convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
-    >>> type(net[1]).__module__, type(net[1]).__name__
-    ('bnnotes.sync', 'SyncBatchNorm')
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    converted = module
-    if type(module) in _CONVERTIBLE:
-        converted = SyncBatchNorm(
-            module.num_features,
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-            process_group=process_group,
-            device="meta",  # every tensor is replaced by the old layer's below
-            bias=module.bias is not None if module.affine else True,
-        )
-        if module.affine:
-            converted.weight = module.weight
-            converted.bias = module.bias
-        converted.running_mean = module.running_mean
-        converted.running_var = module.running_var
-        converted.num_batches_tracked = module.num_batches_tracked
-        converted.train(module.training)
-        if hasattr(module, "qconfig"):
-            converted.qconfig = module.qconfig
-        for registry in _HOOK_REGISTRIES:
-            if registry in module.__dict__:
-                converted.__dict__[registry] = module.__dict__[registry]
-    for name, child in module.named_children():
-        converted.add_module(name, convert_sync_batchnorm(child, process_group))
-    return converted

@@ -142,8 +142,11 @@ def test_half_precision_is_computed_in_float32():
     torch.testing.assert_close(y16.float(), ghost32(x.half().float()), rtol=0, atol=2e-3)
 
 
-def test_lazy_export_from_torch_bn():
-    assert torch_bn.GhostBatchNorm1d is GhostBatchNorm1d and torch_bn.GhostBatchNorm2d is GhostBatchNorm2d
+def test_module_exports():
+    from bnnotes import ghost
+
+    assert ghost.__all__ == ["GhostBatchNorm1d", "GhostBatchNorm2d"]
+    assert ghost.GhostBatchNorm1d is GhostBatchNorm1d and ghost.GhostBatchNorm2d is GhostBatchNorm2d
 
 
 def test_batch_size_not_a_multiple_of_the_virtual_batch_size_is_an_error():
@@ -182,7 +185,7 @@ def test_the_variants_share_one_base_and_are_not_torch_bn_modules():
     """Batch Renorm, Ghost BN and lp BN take their state, reset, loading and input checks from RunningStatsNorm."""
     from bnnotes.lp_norm import LpBatchNorm1d
     from bnnotes.renorm import BatchRenorm1d, BatchRenorm2d
-    from bnnotes.torch_bn import RunningStatsNorm
+    from bnnotes._core import RunningStatsNorm
 
     shared = ("__init__", "reset_running_stats", "reset_parameters", "_load_from_state_dict", "_check_forward_input",
               "_momentum")

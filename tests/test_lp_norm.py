@@ -109,7 +109,7 @@ def test_bad_input_gets_clear_errors():
     layer = LpBatchNorm1d(4, p=1)
     with pytest.raises(ValueError, match=r"LpBatchNorm1d\(4\) expected 4 channels, got input with 3 channels"):
         layer(torch.randn(8, 3))
-    with pytest.raises(ValueError, match=r"expected input of shape \(N, 4\), got \(8, 4, 2\)"):
+    with pytest.raises(ValueError, match=r"LpBatchNorm1d expected 2-D input \(N, C\), got 3-D input of shape \(8, 4, 2\)"):
         layer(torch.randn(8, 4, 2))
     with pytest.raises(ValueError, match="more than 1 example"):
         layer(torch.randn(1, 4))

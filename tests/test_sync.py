@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnnotes import torch_bn
 from bnnotes.experiments.distributed import launch, recorded_collectives
+from bnnotes import convert
 from bnnotes.ghost import GhostBatchNorm1d
 from bnnotes.sync import (
     DistributedDataParallel,
@@ -434,8 +435,11 @@ def test_combine_statistics_of_nothing_is_nan_and_bad_shapes_are_named():
         combine_statistics(torch.ones(2), torch.zeros(3, 4), torch.zeros(3, 4))
 
 
-def test_lazy_export_from_torch_bn():
-    assert torch_bn.SyncBatchNorm is SyncBatchNorm and torch_bn.convert_sync_batchnorm is convert_sync_batchnorm
+def test_the_converter_lives_in_convert_and_keeps_its_names():
+    assert convert_sync_batchnorm is convert.convert_sync_batchnorm
+    net = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
+    assert type(net[1]) is SyncBatchNorm
+    assert not hasattr(torch_bn, "SyncBatchNorm"), "torch_bn is no facade for bnnotes.sync"
 
 
 class _Net(nn.Module):
