@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import math
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ from bnnotes.experiments.stats import (
     using_statistics,
 )
 from bnnotes.experiments.training import TrainConfig, evaluate, train
+from bnnotes.timing import median_interleaved
 
 __all__ = [
     "EmaTracker",
@@ -65,7 +65,8 @@ class EmaTracker:
         if not self.momenta or any(not 0.0 < mo <= 1.0 for mo in self.momenta):
             raise ValueError(f"momenta must be a non-empty list of numbers in (0, 1], got {list(momenta)}")
         self.layers = norm_layers(model)
-        not_bn = [type(layer).__name__ for layer in self.layers if statistic_names(layer) != ("running_mean", "running_var")]
+        not_bn = [type(layer).__name__ for layer in self.layers
+                  if statistic_names(layer) != ("running_mean", "running_var")]
         if not_bn:
             raise ValueError(f"EmaTracker tracks BN's (mean, var); the model also has {not_bn}")
         # One (momenta, C) tensor per layer and statistic, so that a batch updates every momentum in one operation.
@@ -415,40 +416,12 @@ class FoldBenchmark:
     folded: nn.Module = field(repr=False)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_interleaved(models: dict[str, nn.Module], x: Tensor, repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per forward pass of each model, timing them in turn (rotating the order) in every round.
-
-    On the CPU the clock is the process's CPU time, which does not count time spent waiting for a core on a busy
-    machine (with one intra-op thread it equals the compute time); on a GPU it is the wall clock after synchronizing.
-    """
-    clock = time.process_time if x.device.type == "cpu" else time.perf_counter
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for name in names:  # warm-up
-            for _ in range(3):
-                models[name](x)
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                _sync(x.device)
-                start = clock()
-                for _ in range(inner):
-                    models[name](x)
-                _sync(x.device)
-                times[name].append((clock() - start) / inner)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def fold_benchmark(config: FoldBenchmarkConfig = FoldBenchmarkConfig(), data: Dataset | None = None,
                    device: torch.device | str = "cpu") -> FoldBenchmark:
     """Train a small convnet, fold its BN layers with `bnnotes.folding.fold_batchnorm`, and compare.
 
-    The timing is the median of interleaved rounds (no assertion is made on it); torch's own ``nn.BatchNorm2d``
+    The timing is `bnnotes.timing.median_interleaved` (no assertion is made on it), by the process's CPU time on the
+    CPU and the wall clock on an accelerator; torch's own ``nn.BatchNorm2d``
     (through `bnnotes.torch_bn.to_torch_batchnorm`) is timed as a reference for a fused BN kernel.
     """
     data = (load_digits() if data is None else data).to(device)
@@ -469,9 +442,12 @@ def fold_benchmark(config: FoldBenchmarkConfig = FoldBenchmarkConfig(), data: Da
             torch.set_num_threads(config.num_threads)
         for batch_size in config.batch_sizes:
             x = data.x_test[:batch_size]
-            seconds[batch_size] = _median_interleaved(
-                {"bn": model, "torch_bn": reference, "folded": folded}, x, config.repeats, config.inner
-            )
+            forwards = {name: (lambda net=net: net(x)) for name, net in
+                        (("bn", model), ("torch_bn", reference), ("folded", folded))}
+            with torch.inference_mode():
+                timing = median_interleaved(forwards, config.repeats, config.inner, warmup=3, clock="cpu",
+                                            device=x.device)
+            seconds[batch_size] = timing.median
     finally:
         torch.set_num_threads(threads)
     speedup = {b: {k: s[k] / s["folded"] for k in ("bn", "torch_bn")} for b, s in seconds.items()}

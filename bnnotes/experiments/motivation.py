@@ -1,8 +1,9 @@
 """Experiments of the motivation chapter: why normalize, and what BN promises (Ioffe & Szegedy, 2015).
 
-Each function runs one experiment of ``book/motivation.md`` with an explicit, small configuration and returns plain
-numbers (NumPy arrays in small dataclasses) that the chapter plots and asserts on. Everything is built on the shared
-pieces: `mlp`, `train`, `TrainConfig`, `evaluate`, `steps_to_accuracy` and `load_digits`; models use bnnotes' own BN.
+Each function runs one experiment of ``book/motivation.md``: it takes one frozen Config dataclass that holds every
+constant and seed, and returns plain numbers (NumPy arrays in small dataclasses) that the chapter plots and asserts
+on. Everything is built on the shared pieces: `mlp`, `train`, `TrainConfig`, `evaluate`, `steps_to_accuracy` and
+`load_digits`; models use bnnotes' own BN.
 
 - `gradient_norms_at_init`: how the gradient shrinks layer by layer through sigmoids, with and without BN.
 - `backprop_gains_at_init`: the factor by which one plain sigmoid layer scales the backpropagated gradient, against the
@@ -19,7 +20,6 @@ pieces: `mlp`, `train`, `TrainConfig`, `evaluate`, `steps_to_accuracy` and `load
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,31 +31,42 @@ from torch import nn
 
 from bnnotes import numpy_bn
 from bnnotes.experiments.data import Dataset, load_digits
-from bnnotes.experiments.models import mlp
+from bnnotes.experiments.models import hidden_linears, mlp
 from bnnotes.experiments.training import History, TrainConfig, evaluate, steps_to_accuracy, train
+from bnnotes.timing import median_interleaved
 
 __all__ = [
     "PERCENTILES",
+    "INIT_SCHEMES",
+    "GradientNormsConfig",
+    "gradient_norms_at_init",
+    "BackpropGainsConfig",
+    "BackpropGains",
+    "backprop_gains_at_init",
+    "NormalizationCostConfig",
+    "NormalizationCost",
+    "normalization_cost",
+    "BiasAbsorptionConfig",
+    "BiasAbsorption",
+    "pre_bn_bias_effect",
+    "Figure1Config",
     "SigmoidInputTrace",
     "Figure1Run",
-    "Sweep",
-    "GapRun",
-    "SaturationResult",
-    "BackpropGains",
-    "InitSchemes",
-    "INIT_SCHEMES",
-    "NormalizationCost",
-    "BiasAbsorption",
-    "gradient_norms_at_init",
-    "backprop_gains_at_init",
-    "normalization_cost",
-    "pre_bn_bias_effect",
     "reproduce_figure1",
+    "Sweep",
+    "LearningRateSweepConfig",
     "learning_rate_sweep",
+    "InitScaleSweepConfig",
     "init_scale_sweep",
+    "InitSchemesConfig",
+    "InitSchemes",
     "init_scheme_steps",
     "apply_init_scheme",
+    "GapConfig",
+    "GapRun",
     "generalization_gap",
+    "SaturationConfig",
+    "SaturationResult",
     "saturating_nonlinearities",
 ]
 
@@ -96,40 +107,49 @@ def _check_positive(**values: float) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def gradient_norms_at_init(
-    depth: int = 6,
-    activations: Sequence[str] = ("sigmoid", "relu"),
-    norms: Sequence[str] = ("none", "bn"),
-    seeds: Sequence[int] = (0, 1),
-    init_std: float = 0.1,
-    batch_size: int = 60,
-    device: torch.device | str | None = None,
-) -> dict[tuple[str, str], np.ndarray]:
+@dataclass(frozen=True)
+class GradientNormsConfig:
+    """`gradient_norms_at_init`: ``depth`` x `width` networks per (activation, norm), weights from N(0, init_std^2),
+    one mini-batch of `batch_size` digits per seed (the seed draws the batch and the weights)."""
+
+    depth: int = 6
+    width: int = 100
+    activations: tuple[str, ...] = ("sigmoid", "relu")
+    norms: tuple[str, ...] = ("none", "bn")
+    seeds: tuple[int, ...] = (0, 1)
+    init_std: float = 0.1
+    batch_size: int = 60
+
+
+def gradient_norms_at_init(config: GradientNormsConfig = GradientNormsConfig(),
+                           device: torch.device | str | None = None) -> dict[tuple[str, str], np.ndarray]:
     """The norm of the loss gradient with respect to each Linear layer's weight, at initialization.
 
-    For each (activation, norm) a ``depth`` x 100 network (`mlp`, weights from N(0, init_std^2)) takes one mini-batch
-    of `batch_size` digits drawn with the seed, and one backward pass of the cross-entropy.
+    For each (activation, norm) a ``depth`` x `width` network (`mlp`, weights from N(0, init_std^2)) takes one
+    mini-batch of `batch_size` digits drawn with the seed, and one backward pass of the cross-entropy.
     Returns {(activation, norm): array (len(seeds), depth + 1)}: the Frobenius norm of dL/dW for the Linear layers
     from the input (column 0) to the output layer (column depth).
 
-    >>> norms = gradient_norms_at_init(depth=2, activations=("sigmoid",), norms=("none",), seeds=(0,))
+    >>> config = GradientNormsConfig(depth=2, activations=("sigmoid",), norms=("none",), seeds=(0,))
+    >>> norms = gradient_norms_at_init(config)
     >>> norms["sigmoid", "none"].shape
     (1, 3)
     """
-    norms = _check_norms(norms)
-    seeds = _check_seeds(seeds)
-    if depth < 1:
-        raise ValueError(f"depth must be at least 1, got {depth}")
+    norms = _check_norms(config.norms)
+    seeds = _check_seeds(config.seeds)
+    if config.depth < 1:
+        raise ValueError(f"depth must be at least 1, got {config.depth}")
     data = load_digits(device=device)
     result: dict[tuple[str, str], np.ndarray] = {}
-    for activation in activations:
+    for activation in config.activations:
         for norm in norms:
             rows = []
             for seed in seeds:
-                model = mlp(data.n_features, hidden=(100,) * depth, activation=activation, norm=norm,
-                            init_std=init_std, seed=seed).to(data.x_train.device)
+                model = mlp(data.n_features, hidden=(config.width,) * config.depth, activation=activation, norm=norm,
+                            init_std=config.init_std, seed=seed).to(data.x_train.device)
                 generator = torch.Generator().manual_seed(seed)
-                idx = torch.randperm(data.x_train.shape[0], generator=generator)[:batch_size].to(data.x_train.device)
+                draw = torch.randperm(data.x_train.shape[0], generator=generator)[: config.batch_size]
+                idx = draw.to(data.x_train.device)
                 model.train()
                 F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
                 linears = [m for m in model if isinstance(m, nn.Linear)]
@@ -163,37 +183,45 @@ class BackpropGains:
     mean_derivative: np.ndarray
 
 
-def backprop_gains_at_init(
-    init_std: float = 0.1,
-    depth: int = 6,
-    width: int = 100,
-    batch_size: int = 60,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-) -> BackpropGains:
+@dataclass(frozen=True)
+class BackpropGainsConfig:
+    """`backprop_gains_at_init`: a plain ``depth`` x `width` sigmoid network, weights from N(0, init_std^2), one
+    mini-batch of `batch_size` digits; `seed` draws the weights and the batch."""
+
+    init_std: float = 0.1
+    depth: int = 6
+    width: int = 100
+    batch_size: int = 60
+    seed: int = 0
+
+
+def backprop_gains_at_init(config: BackpropGainsConfig = BackpropGainsConfig(),
+                           device: torch.device | str | None = None) -> BackpropGains:
     """Measure the per-layer factor of eq-motivation-backprop in a plain sigmoid `mlp` at initialization.
 
     One mini-batch of `batch_size` digits (drawn with `seed`) goes forward; the cross-entropy goes backward, and the
     gradient with respect to every hidden activation h_l is kept. See `BackpropGains` for what is returned.
 
-    >>> gains = backprop_gains_at_init(depth=3, width=20, batch_size=16)
+    >>> gains = backprop_gains_at_init(BackpropGainsConfig(depth=3, width=20, batch_size=16))
     >>> bool((gains.measured <= gains.bound).all())
     True
     """
+    init_std, depth, width, batch_size = config.init_std, config.depth, config.width, config.batch_size
     _check_positive(init_std=init_std)
     if depth < 2 or width < 1 or batch_size < 1:
         raise ValueError(f"need depth >= 2, width >= 1 and batch_size >= 1, got depth={depth}, width={width}, "
                          f"batch_size={batch_size}")
     data = load_digits(device=device)
     model = mlp(data.n_features, hidden=(width,) * depth, activation="sigmoid", norm="none", init_std=init_std,
-                seed=seed).to(data.x_train.device)
-    generator = torch.Generator().manual_seed(seed)
+                seed=config.seed).to(data.x_train.device)
+    generator = torch.Generator().manual_seed(config.seed)
     idx = torch.randperm(data.x_train.shape[0], generator=generator)[:batch_size].to(data.x_train.device)
+    linears = hidden_linears(model)  # W_1 .. W_depth; norm="none" puts an Identity between each and its sigmoid
     h = data.x_train[idx]  # (batch, features)
     preacts, hiddens = [], []
-    for layer in range(depth):
-        a = model[3 * layer](h)  # (batch, width): Linear; model[3 * layer + 1] is the Identity of norm="none"
-        h = model[3 * layer + 2](a)
+    for linear in linears:
+        a = linear(h)  # (batch, width)
+        h = torch.sigmoid(a)
         h.retain_grad()
         preacts.append(a.detach())
         hiddens.append(h)
@@ -201,10 +229,10 @@ def backprop_gains_at_init(
     grad_norm = np.array([hidden.grad.norm().item() for hidden in hiddens])  # ||dL/dh_l||, l = 1..depth
     derivatives = [torch.sigmoid(a) * (1 - torch.sigmoid(a)) for a in preacts]  # g'(a_l), eq-motivation-sigmoid
     layers = range(1, depth)  # W_l for l = 2..depth maps h_{l-1} to a_l
-    operator_norm = np.array([torch.linalg.matrix_norm(model[3 * l].weight.detach(), ord=2).item() for l in layers])
+    operator_norm = np.array([torch.linalg.matrix_norm(linears[l].weight.detach(), ord=2).item() for l in layers])
     max_derivative = np.array([derivatives[l].max().item() for l in layers])
     rms_derivative = np.array([derivatives[l].pow(2).mean().sqrt().item() for l in layers])
-    fan_in = np.array([model[3 * l].in_features for l in layers])
+    fan_in = np.array([linears[l].in_features for l in layers])
     return BackpropGains(
         init_std=init_std,
         measured=grad_norm[:-1] / grad_norm[1:],
@@ -239,35 +267,45 @@ class NormalizationCost:
         return self.whiten_seconds / self.standardize_seconds
 
 
+@dataclass(frozen=True)
+class NormalizationCostConfig:
+    """`normalization_cost`: a (batch_size, d) batch per width d in `dims`, drawn with `seed`; `repeats` timing
+    rounds; a timing sample lasts at least `min_sample_s`."""
+
+    dims: tuple[int, ...] = (100, 200, 400, 700, 1000)
+    batch_size: int = 128
+    repeats: int = 3
+    eps: float = 1e-5
+    seed: int = 0
+    min_sample_s: float = 0.005
+
+
 def normalization_cost(
     whiten: Callable[[np.ndarray, float], np.ndarray],
-    dims: Sequence[int] = (100, 200, 400, 700, 1000),
-    batch_size: int = 128,
-    repeats: int = 3,
-    eps: float = 1e-5,
-    seed: int = 0,
+    config: NormalizationCostConfig = NormalizationCostConfig(),
 ) -> NormalizationCost:
     """Time ``whiten(x, eps)`` (full whitening) against per-feature standardization (`numpy_bn.forward`).
 
-    x is a float64 (batch_size, d) Gaussian batch with correlated features, for each d in `dims`. The runs are
-    interleaved (every width and both methods once per repeat) so that a busy machine slows both alike, a fast call is
-    repeated until a timing sample lasts 5 ms, and the median over `repeats` of the time per call is reported. Both
+    x is a float64 (batch_size, d) Gaussian batch with correlated features, for each d in `dims`. The timer is
+    `bnnotes.timing.median_interleaved`: every width and both methods once per round, so that a busy machine slows
+    both alike, a fast call repeated until a timing sample lasts 5 ms, and the median over `repeats` rounds. Both
     run on one BLAS thread (``threadpoolctl``, restored afterwards): the comparison is per core, and on a shared
     machine BLAS threads otherwise wait for each other. This is a measurement to look at, not to assert on: absolute
     times depend on the machine; the growth of the ratio with d is the point.
 
-    >>> cost = normalization_cost(lambda x, eps: x - x.mean(0), dims=(4, 8), batch_size=16, repeats=1)
-    >>> cost.ratio.shape
+    >>> config = NormalizationCostConfig(dims=(4, 8), batch_size=16, repeats=1)
+    >>> normalization_cost(lambda x, eps: x - x.mean(0), config).ratio.shape
     (2,)
     """
     if not callable(whiten):
         raise TypeError(f"whiten must be a function (x, eps) -> x_white, got {type(whiten).__name__}")
-    dims = np.asarray(dims, dtype=int)
+    batch_size, repeats, eps = config.batch_size, config.repeats, config.eps
+    dims = np.asarray(config.dims, dtype=int)
     if dims.ndim != 1 or dims.size == 0 or (dims < 1).any():
         raise ValueError(f"dims must be a non-empty sequence of positive widths, got {dims.tolist()!r}")
     if repeats < 1 or batch_size < 2:
         raise ValueError(f"repeats must be >= 1 and batch_size >= 2, got repeats={repeats}, batch_size={batch_size}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(config.seed)
     batches = {}
     for d in dims:
         mixing = rng.standard_normal((d, d)) / math.sqrt(d) + np.eye(d)  # correlated features
@@ -277,27 +315,11 @@ def normalization_cost(
             lambda x=batches[d], ones=np.ones(d), zeros=np.zeros(d): numpy_bn.forward(x, ones, zeros, eps))
         for d in dims
     }
-    times = np.zeros((2, repeats, dims.size))
+    functions = {(d, k): fn for d in dims for k, fn in enumerate(methods[d])}
     with threadpool_limits(limits=1):
-        calls = {(d, k): _calls_per_sample(fn) for d in dims for k, fn in enumerate(methods[d])}
-        for r in range(repeats):
-            for j, d in enumerate(dims):
-                for k, fn in enumerate(methods[d]):
-                    start = time.perf_counter()
-                    for _ in range(calls[d, k]):
-                        fn()
-                    times[k, r, j] = (time.perf_counter() - start) / calls[d, k]
-    medians = np.median(times, axis=1)
+        timing = median_interleaved(functions, repeats, inner=None, warmup=0, min_sample_s=config.min_sample_s)
+    medians = np.array([[timing.median[d, k] for d in dims] for k in range(2)])
     return NormalizationCost(dims, batch_size, medians[0], medians[1])
-
-
-def _calls_per_sample(fn: Callable[[], object], min_seconds: float = 0.005) -> int:
-    """How many calls of `fn` one timing sample needs to last `min_seconds`: fast calls are timed in a loop, so that
-    the clock's resolution and a busy machine's interruptions weigh on them no more than on slow ones."""
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    return max(1, math.ceil(min_seconds / max(once, 1e-7)))
 
 
 @dataclass(frozen=True)
@@ -313,27 +335,39 @@ class BiasAbsorption:
     weight_grad_max: float
 
 
-def pre_bn_bias_effect(
-    bias_shift: float = 3.0, batch_size: int = 60, width: int = 100, seed: int = 0
-) -> BiasAbsorption:
+@dataclass(frozen=True)
+class BiasAbsorptionConfig:
+    """`pre_bn_bias_effect`: one hidden layer of `width` units (weights from N(0, init_std^2)), a batch of `batch_size`
+    digits, a bias shift of `bias_shift` standard normal vectors; `seed` draws everything."""
+
+    bias_shift: float = 3.0
+    batch_size: int = 60
+    width: int = 100
+    init_std: float = 0.1
+    seed: int = 0
+
+
+def pre_bn_bias_effect(config: BiasAbsorptionConfig = BiasAbsorptionConfig()) -> BiasAbsorption:
     """Shift the bias of the Linear layer in ``Linear(64, width) -> BatchNorm1d -> sigmoid`` and measure what changes.
 
     The layer is `mlp` with one hidden layer, a Linear bias kept on purpose, and bnnotes' own `BatchNorm1d` with a
     non-trivial gamma and beta, in float64 and training mode; its readout Linear and the cross-entropy of a batch of
     digits give the loss. The bias is shifted by `bias_shift` times a standard normal vector.
 
-    >>> effect = pre_bn_bias_effect(batch_size=8, width=5)
+    >>> effect = pre_bn_bias_effect(BiasAbsorptionConfig(batch_size=8, width=5))
     >>> effect.output_change < 1e-12 and effect.bias_grad_max < 1e-12
     True
     """
+    bias_shift, batch_size, width = config.bias_shift, config.batch_size, config.width
     _check_positive(bias_shift=bias_shift)
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 for batch statistics, got {batch_size}")
     data = load_digits()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(config.seed)
     idx = torch.randperm(data.x_train.shape[0], generator=generator)[:batch_size]
     x, y = data.x_train[idx].double(), data.y_train[idx]
-    model = mlp(data.n_features, hidden=(width,), norm="bn", linear_bias=True, init_std=0.1, seed=seed).double()
+    model = mlp(data.n_features, hidden=(width,), norm="bn", linear_bias=True, init_std=config.init_std,
+                seed=config.seed).double()
     linear, norm = model[0], model[1]
     with torch.no_grad():  # a non-zero bias, and a non-trivial gamma and beta
         linear.bias.normal_(0.0, 1.0, generator=generator)
@@ -401,12 +435,12 @@ class Figure1Run:
 
 
 def _percentile_recorder(model: nn.Sequential, layer: int, held_out: Dataset, measure_every: int):
-    """A `train` callback that records the percentiles of the inputs to hidden layer `layer`'s activation.
+    """A `train` callback that records the percentiles of the inputs to hidden layer `layer`'s sigmoid.
 
     The held-out batch (the whole test split) goes through the network in training mode, so a BN layer normalizes it
     with its own statistics, as during training; `evaluate` restores the running statistics afterwards.
     """
-    activation = model[3 * layer + 2]
+    activation = [module for module in model.modules() if isinstance(module, nn.Sigmoid)][layer]
     quantiles = torch.tensor(PERCENTILES, device=held_out.x_test.device) / 100.0
     steps: list[int] = []
     rows: list[np.ndarray] = []
@@ -432,17 +466,24 @@ def _percentile_recorder(model: nn.Sequential, layer: int, held_out: Dataset, me
     return callback, trace
 
 
-def reproduce_figure1(
-    seeds: Sequence[int] = (0, 1, 2),
-    steps: int = 1000,
-    lr: float = 1.0,
-    init_std: float = 0.1,
-    batch_size: int = 60,
-    hidden: Sequence[int] = (100, 100, 100),
-    measure_every: int = 10,
-    eval_every: int = 10,
-    device: torch.device | str | None = None,
-) -> dict[str, list[Figure1Run]]:
+@dataclass(frozen=True)
+class Figure1Config:
+    """`reproduce_figure1`: sigmoid layers of widths `hidden`, weights from N(0, init_std^2), plain SGD at `lr` on
+    batches of `batch_size` for `steps` steps per seed; test accuracy every `eval_every` steps, the sigmoid inputs'
+    percentiles every `measure_every` steps."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 1000
+    lr: float = 1.0
+    init_std: float = 0.1
+    batch_size: int = 60
+    hidden: tuple[int, ...] = (100, 100, 100)
+    measure_every: int = 10
+    eval_every: int = 10
+
+
+def reproduce_figure1(config: Figure1Config = Figure1Config(),
+                      device: torch.device | str | None = None) -> dict[str, list[Figure1Run]]:
     """Figure 1 of Ioffe & Szegedy (2015) on digits: the same sigmoid network trained without and with BN.
 
     The network: fully connected sigmoid layers of widths `hidden`, weights from N(0, init_std^2), plain SGD at `lr`
@@ -452,21 +493,23 @@ def reproduce_figure1(
     the inputs to the last hidden layer's sigmoids are measured on the test split (see `SigmoidInputTrace`).
     Returns {"none": [run per seed], "bn": [run per seed]}.
 
-    >>> runs = reproduce_figure1(seeds=(0,), steps=20, hidden=(8, 8), measure_every=10)
+    >>> runs = reproduce_figure1(Figure1Config(seeds=(0,), steps=20, hidden=(8, 8), measure_every=10))
     >>> runs["bn"][0].trace.percentiles.shape
     (3, 3, 8)
     """
-    seeds = _check_seeds(seeds)
-    _check_positive(steps=steps, lr=lr, init_std=init_std, measure_every=measure_every, eval_every=eval_every)
+    seeds = _check_seeds(config.seeds)
+    _check_positive(steps=config.steps, lr=config.lr, init_std=config.init_std, measure_every=config.measure_every,
+                    eval_every=config.eval_every)
     data = load_digits(device=device)
     runs: dict[str, list[Figure1Run]] = {}
     for norm in _NORMS:
         runs[norm] = []
         for seed in seeds:
-            model = mlp(data.n_features, hidden=hidden, norm=norm, init_std=init_std, seed=seed)
-            callback, trace = _percentile_recorder(model, len(hidden) - 1, data, measure_every)
-            config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed)
-            history = train(model, data, config, callback=callback)
+            model = mlp(data.n_features, hidden=config.hidden, norm=norm, init_std=config.init_std, seed=seed)
+            callback, trace = _percentile_recorder(model, len(config.hidden) - 1, data, config.measure_every)
+            train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+                                       eval_every=config.eval_every, seed=seed)
+            history = train(model, data, train_config, callback=callback)
             runs[norm].append(Figure1Run(norm, seed, history, trace()))
     return runs
 
@@ -558,33 +601,40 @@ def _check_sweep(values: Sequence[float], name: str, max_steps: int, target: flo
     return values
 
 
-def learning_rate_sweep(
-    lrs: Sequence[float],
-    seeds: Sequence[int] = (0, 1, 2),
-    max_steps: int = 500,
-    target: float = 0.9,
-    init_std: float = 0.1,
-    norms: Sequence[str] = ("none", "bn"),
-    patience: int = 2,
-    eval_every: int = 10,
-    batch_size: int = 60,
-    device: torch.device | str | None = None,
-) -> Sweep:
+@dataclass(frozen=True)
+class LearningRateSweepConfig:
+    """`learning_rate_sweep`: the Figure 1 network (weights from N(0, init_std^2)) at each learning rate of `lrs`
+    (increasing), per norm and seed, for at most `max_steps` steps on batches of `batch_size`, evaluated every
+    `eval_every` steps; a sweep stops after `patience` failures in a row."""
+
+    lrs: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_steps: int = 500
+    target: float = 0.9
+    init_std: float = 0.1
+    norms: tuple[str, ...] = ("none", "bn")
+    patience: int = 2
+    eval_every: int = 10
+    batch_size: int = 60
+
+
+def learning_rate_sweep(config: LearningRateSweepConfig = LearningRateSweepConfig(),
+                        device: torch.device | str | None = None) -> Sweep:
     """How many SGD steps the Figure 1 network needs to reach `target` test accuracy, at each learning rate.
 
     `lrs` must increase. Each run stops as soon as it reaches the target. A sweep (one norm, one seed) stops after
     `patience` consecutive learning rates that fail and leaves the larger ones unrun (``nan``, counted as not trained):
     larger steps do not rescue plain SGD on this network, and skipping them keeps the sweep cheap.
 
-    >>> sweep = learning_rate_sweep([0.5, 1.0], seeds=(0,), max_steps=30, target=0.5)
+    >>> sweep = learning_rate_sweep(LearningRateSweepConfig(lrs=(0.5, 1.0), seeds=(0,), max_steps=30, target=0.5))
     >>> sweep.steps_to_target["bn"].shape
     (1, 2)
     """
-    seeds = _check_seeds(seeds)
-    norms = _check_norms(norms)
-    values = _check_sweep(lrs, "lrs", max_steps, target, eval_every)
-    if patience < 1:
-        raise ValueError(f"patience must be at least 1, got {patience}")
+    seeds = _check_seeds(config.seeds)
+    norms = _check_norms(config.norms)
+    values = _check_sweep(config.lrs, "lrs", config.max_steps, config.target, config.eval_every)
+    if config.patience < 1:
+        raise ValueError(f"patience must be at least 1, got {config.patience}")
     data = load_digits(device=device)
     result = {}
     for norm in norms:
@@ -592,49 +642,56 @@ def learning_rate_sweep(
         for i, seed in enumerate(seeds):
             failures = 0
             for j, lr in enumerate(values):
-                table[i, j], _ = _steps_to_target(data, norm, seed, lr=float(lr), init_std=init_std,
-                                                  max_steps=max_steps, target=target, eval_every=eval_every,
-                                                  batch_size=batch_size)
+                table[i, j], _ = _steps_to_target(data, norm, seed, lr=float(lr), init_std=config.init_std,
+                                                  max_steps=config.max_steps, target=config.target,
+                                                  eval_every=config.eval_every, batch_size=config.batch_size)
                 failures = failures + 1 if math.isinf(table[i, j]) else 0
-                if failures == patience:
+                if failures == config.patience:
                     break
         result[norm] = table
-    return Sweep("lr", values, seeds, target, max_steps, result)
+    return Sweep("lr", values, seeds, config.target, config.max_steps, result)
 
 
-def init_scale_sweep(
-    init_stds: Sequence[float],
-    seeds: Sequence[int] = (0, 1, 2),
-    max_steps: int = 500,
-    target: float = 0.9,
-    lr: float = 1.0,
-    norms: Sequence[str] = ("none", "bn"),
-    eval_every: int = 10,
-    batch_size: int = 60,
-    device: torch.device | str | None = None,
-) -> Sweep:
+@dataclass(frozen=True)
+class InitScaleSweepConfig:
+    """`init_scale_sweep`: the Figure 1 network with weights from N(0, init_std^2) for each value of `init_stds`
+    (increasing), per norm and seed, at learning rate `lr`, for at most `max_steps` steps."""
+
+    init_stds: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_steps: int = 500
+    target: float = 0.9
+    lr: float = 1.0
+    norms: tuple[str, ...] = ("none", "bn")
+    eval_every: int = 10
+    batch_size: int = 60
+
+
+def init_scale_sweep(config: InitScaleSweepConfig = InitScaleSweepConfig(),
+                     device: torch.device | str | None = None) -> Sweep:
     """How many SGD steps the Figure 1 network needs to reach `target` test accuracy, per initial weight scale.
 
     Every Linear layer's weights are drawn from N(0, init_std^2). Each run stops as soon as it reaches the target;
     every value is run (failures happen at both ends, too small and too large).
 
-    >>> sweep = init_scale_sweep([0.1, 1.0], seeds=(0,), max_steps=30, target=0.5)
+    >>> sweep = init_scale_sweep(InitScaleSweepConfig(init_stds=(0.1, 1.0), seeds=(0,), max_steps=30, target=0.5))
     >>> sorted(sweep.steps_to_target)
     ['bn', 'none']
     """
-    seeds = _check_seeds(seeds)
-    norms = _check_norms(norms)
-    values = _check_sweep(init_stds, "init_stds", max_steps, target, eval_every)
-    _check_positive(lr=lr)
+    seeds = _check_seeds(config.seeds)
+    norms = _check_norms(config.norms)
+    values = _check_sweep(config.init_stds, "init_stds", config.max_steps, config.target, config.eval_every)
+    _check_positive(lr=config.lr)
     data = load_digits(device=device)
     result = {}
     for norm in norms:
         result[norm] = np.array([
-            [_steps_to_target(data, norm, seed, lr=lr, init_std=float(std), max_steps=max_steps, target=target,
-                              eval_every=eval_every, batch_size=batch_size)[0] for std in values]
+            [_steps_to_target(data, norm, seed, lr=config.lr, init_std=float(std), max_steps=config.max_steps,
+                              target=config.target, eval_every=config.eval_every,
+                              batch_size=config.batch_size)[0] for std in values]
             for seed in seeds
         ])
-    return Sweep("init_std", values, seeds, target, max_steps, result)
+    return Sweep("init_std", values, seeds, config.target, config.max_steps, result)
 
 
 @dataclass(frozen=True)
@@ -657,30 +714,37 @@ class InitSchemes:
         return np.isfinite(self.steps_to_target[norm])
 
 
-def init_scheme_steps(
-    schemes: Sequence[str] = ("glorot", "kaiming"),
-    seeds: Sequence[int] = (0, 1, 2),
-    max_steps: int = 500,
-    target: float = 0.9,
-    lr: float = 1.0,
-    norms: Sequence[str] = ("none", "bn"),
-    width: int = 100,
-    eval_every: int = 10,
-    batch_size: int = 60,
-    device: torch.device | str | None = None,
-) -> InitSchemes:
+@dataclass(frozen=True)
+class InitSchemesConfig:
+    """`init_scheme_steps`: the Figure 1 network (3 hidden layers of `width`) initialized by each of `schemes`, per
+    norm and seed, at learning rate `lr`, for at most `max_steps` steps."""
+
+    schemes: tuple[str, ...] = ("glorot", "kaiming")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_steps: int = 500
+    target: float = 0.9
+    lr: float = 1.0
+    norms: tuple[str, ...] = ("none", "bn")
+    width: int = 100
+    eval_every: int = 10
+    batch_size: int = 60
+
+
+def init_scheme_steps(config: InitSchemesConfig = InitSchemesConfig(),
+                      device: torch.device | str | None = None) -> InitSchemes:
     """The baseline for `init_scale_sweep`: the Figure 1 network initialized by a fan-based rule instead of one sigma.
 
     Glorot's rule gives a 100 x 100 layer sigma = 0.1, Kaiming's (meant for ReLUs) sigma = 0.141; the input and output
     layers get their own fans. Each run stops as soon as it reaches `target`.
 
-    >>> result = init_scheme_steps(schemes=("glorot",), seeds=(0,), max_steps=30, target=0.5)
+    >>> result = init_scheme_steps(InitSchemesConfig(schemes=("glorot",), seeds=(0,), max_steps=30, target=0.5))
     >>> result.steps_to_target["none"].shape
     (1, 1)
     """
-    seeds = _check_seeds(seeds)
-    norms = _check_norms(norms)
-    schemes = tuple(schemes)
+    seeds = _check_seeds(config.seeds)
+    norms = _check_norms(config.norms)
+    schemes, target, max_steps, lr = tuple(config.schemes), config.target, config.max_steps, config.lr
+    width, eval_every, batch_size = config.width, config.eval_every, config.batch_size
     unknown = [scheme for scheme in schemes if scheme not in INIT_SCHEMES]
     if not schemes or unknown:
         raise ValueError(f"schemes must be a non-empty subset of {sorted(INIT_SCHEMES)}, got {schemes!r}")
@@ -732,27 +796,35 @@ class GapRun:
         return float(self.test_loss[-1] - self.train_loss[-1])
 
 
-def generalization_gap(
-    n_train: int = 300,
-    seeds: Sequence[int] = (0, 1, 2),
-    steps: int = 800,
-    lr: float = 1.0,
-    init_std: float = 0.1,
-    batch_size: int = 60,
-    eval_every: int = 20,
-    device: torch.device | str | None = None,
-) -> dict[str, list[GapRun]]:
+@dataclass(frozen=True)
+class GapConfig:
+    """`generalization_gap`: the Figure 1 network trained on `n_train` training digits (drawn per seed) for `steps`
+    steps of plain SGD at `lr`, weights from N(0, init_std^2), evaluated every `eval_every` steps."""
+
+    n_train: int = 300
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 800
+    lr: float = 1.0
+    init_std: float = 0.1
+    batch_size: int = 60
+    eval_every: int = 20
+
+
+def generalization_gap(config: GapConfig = GapConfig(),
+                       device: torch.device | str | None = None) -> dict[str, list[GapRun]]:
     """Train the Figure 1 network, plain and with BN, on a random subset of `n_train` training digits.
 
     With so few examples both nets fit the subset completely; the question is how far test accuracy and loss stay
     behind. Each seed draws its own subset (the same for both nets), initialization and batch order.
     Returns {"none": [GapRun per seed], "bn": [GapRun per seed]}.
 
-    >>> gaps = generalization_gap(n_train=120, seeds=(0,), steps=20, eval_every=10)
+    >>> gaps = generalization_gap(GapConfig(n_train=120, seeds=(0,), steps=20, eval_every=10))
     >>> gaps["bn"][0].steps.tolist()
     [0, 10, 20]
     """
-    seeds = _check_seeds(seeds)
+    seeds = _check_seeds(config.seeds)
+    n_train, steps, lr, init_std = config.n_train, config.steps, config.lr, config.init_std
+    batch_size, eval_every = config.batch_size, config.eval_every
     _check_positive(steps=steps, lr=lr, init_std=init_std, eval_every=eval_every)
     full = load_digits(device=device)
     if not batch_size <= n_train <= full.x_train.shape[0]:
@@ -770,8 +842,8 @@ def generalization_gap(
                 if step % eval_every == 0 or step == steps:
                     on_train.append(evaluate(net, data.x_train, data.y_train))
 
-            config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed)
-            history = train(model, data, config, callback=callback)
+            train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, seed=seed)
+            history = train(model, data, train_config, callback=callback)
             train_loss, train_acc = np.array(on_train).T
             runs[norm].append(GapRun(norm, seed, np.array(history.step), train_loss, train_acc,
                                      np.array(history.test_loss), np.array(history.test_acc)))
@@ -805,39 +877,48 @@ class SaturationResult:
         return plain / self.steps_to_target[activation, "bn"]
 
 
-def saturating_nonlinearities(
-    activations: Sequence[str] = ("sigmoid", "relu"),
-    depth: int = 6,
-    seeds: Sequence[int] = (0, 1, 2),
-    lr: float = 0.3,
-    init_std: float = 0.1,
-    max_steps: int = 600,
-    target: float = 0.9,
-    eval_every: int = 10,
-    batch_size: int = 60,
-    device: torch.device | str | None = None,
-) -> SaturationResult:
+@dataclass(frozen=True)
+class SaturationConfig:
+    """`saturating_nonlinearities`: ``depth`` x `width` networks per activation, plain and with BN, weights from
+    N(0, init_std^2), plain SGD at `lr` for at most `max_steps` steps, evaluated every `eval_every` steps."""
+
+    activations: tuple[str, ...] = ("sigmoid", "relu")
+    depth: int = 6
+    width: int = 100
+    seeds: tuple[int, ...] = (0, 1, 2)
+    lr: float = 0.3
+    init_std: float = 0.1
+    max_steps: int = 600
+    target: float = 0.9
+    eval_every: int = 10
+    batch_size: int = 60
+
+
+def saturating_nonlinearities(config: SaturationConfig = SaturationConfig(),
+                              device: torch.device | str | None = None) -> SaturationResult:
     """Steps to `target` test accuracy for a ``depth`` x 100 network per activation, without and with BN.
 
     Same recipe as Figure 1 (N(0, init_std^2) weights, plain SGD); each run stops once it reaches the target.
 
-    >>> result = saturating_nonlinearities(depth=2, seeds=(0,), max_steps=30, target=0.5)
+    >>> result = saturating_nonlinearities(SaturationConfig(depth=2, seeds=(0,), max_steps=30, target=0.5))
     >>> result.steps_to_target["relu", "bn"].shape
     (1,)
     """
-    seeds = _check_seeds(seeds)
+    seeds = _check_seeds(config.seeds)
+    depth, lr, init_std, max_steps, target = config.depth, config.lr, config.init_std, config.max_steps, config.target
+    eval_every, batch_size = config.eval_every, config.batch_size
     _check_target(target)
     _check_positive(lr=lr, init_std=init_std, max_steps=max_steps, eval_every=eval_every)
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
     data = load_digits(device=device)
     steps, accuracy = {}, {}
-    for activation in activations:
+    for activation in config.activations:
         for norm in _NORMS:
             runs = [
                 _steps_to_target(data, norm, seed, lr=lr, init_std=init_std, max_steps=max_steps, target=target,
                                  eval_every=eval_every, batch_size=batch_size, activation=activation,
-                                 hidden=(100,) * depth)
+                                 hidden=(config.width,) * depth)
                 for seed in seeds
             ]
             steps[activation, norm] = np.array([reached for reached, _ in runs])
