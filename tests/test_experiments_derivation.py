@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnnotes import numpy_bn, torch_bn
+from bnnotes import numpy_bn, torch_bn, variants
 from bnnotes.experiments import derivation
 
 
@@ -40,7 +40,7 @@ def test_all_gradient_methods_agree(shape, eps):
 def detached_pair(seed=0):
     torch.manual_seed(seed)
     real = torch_bn.BatchNorm1d(4).double()
-    detached = derivation.DetachedStatsBatchNorm1d(4).double()
+    detached = variants.DetachedStatsBatchNorm1d(4).double()
     with torch.no_grad():
         for layer in (real, detached):
             layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.5]))
@@ -78,7 +78,8 @@ def test_a_bias_before_bn_gets_zero_gradient_only_with_real_bn():
     x = torch.randn(16, 5, dtype=torch.float64)
     dy = torch.randn(16, 3, dtype=torch.float64)
     grads = {}
-    for name, layer in (("bn", torch_bn.BatchNorm1d(3).double()), ("detached", derivation.DetachedStatsBatchNorm1d(3))):
+    layers = (("bn", torch_bn.BatchNorm1d(3).double()), ("detached", variants.DetachedStatsBatchNorm1d(3).double()))
+    for name, layer in layers:
         linear = torch.nn.Linear(5, 3).double()
         torch.manual_seed(1)
         torch.nn.init.normal_(linear.bias)

@@ -11,6 +11,7 @@ import torch
 
 from bnnotes.experiments import TrainConfig, load_digits, mlp, steps_to_accuracy, train
 from bnnotes.experiments import motivation as M
+from bnnotes.experiments.motivation import figure1
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The early stop that the sweeps use (TrainConfig.stop_at_accuracy, added for them)
@@ -157,7 +158,7 @@ def test_bn_trace_at_step_0_uses_the_held_out_batch_statistics():
 def test_percentile_measurement_leaves_running_statistics_alone():
     data = load_digits()
     model = mlp(64, hidden=(10, 10), norm="bn", init_std=0.1, seed=0)
-    callback, trace = M._percentile_recorder(model, 1, data, measure_every=1)
+    callback, trace = figure1._percentile_recorder(model, 1, data, measure_every=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     callback(0, model)
     for key, value in model.state_dict().items():

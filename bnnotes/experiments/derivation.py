@@ -7,8 +7,8 @@ on. Models use bnnotes' own BN and the shared `mlp`, `train`, `TrainConfig` and 
 - `central_differences`, `gradient_agreement`: the hand-derived backward against numerical and automatic
   differentiation.
 - `composed_batch_norm`: BN written as ordinary differentiable tensor ops, for autograd to differentiate.
-- `DetachedStatsBatchNorm1d`, `detached_statistics`: BN whose backward treats the batch statistics as constants
-  (Ioffe & Szegedy, 2015, Section 2), trained against real BN.
+- `detached_statistics`: BN whose backward treats the batch statistics as constants
+  (`bnnotes.variants.DetachedStatsBatchNorm1d`; Ioffe & Szegedy, 2015, Section 2), trained against real BN.
 - `sigmoid_linearity`: how close to linear a sigmoid is on normalized inputs scaled by gamma.
 - `scale_invariance`: BN(aWu) = BN(Wu), the gradient with respect to W scales as 1/a and the step's angle as 1/a^2.
 - `weight_norm_under_weight_decay`: the norm of a BN-preceded weight matrix during training, with and without decay.
@@ -31,6 +31,7 @@ from bnnotes.experiments.data import load_digits
 from bnnotes.experiments.models import hidden_linears, mlp
 from bnnotes.experiments.stats import frozen_buffers, norm_layers
 from bnnotes.experiments.training import TrainConfig, train
+from bnnotes.variants import DetachedStatsBatchNorm1d
 from bnnotes.timing import median_interleaved
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "composed_batch_norm",
     "GradientAgreementConfig",
     "gradient_agreement",
-    "DetachedStatsBatchNorm1d",
     "DetachedConfig",
     "DetachedRun",
     "detached_statistics",
@@ -162,36 +162,6 @@ def gradient_agreement(config: GradientAgreementConfig = GradientAgreementConfig
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Why the gradient must flow through the batch statistics
-
-
-class DetachedStatsBatchNorm1d(torch_bn.BatchNorm1d):
-    """BatchNorm1d whose training backward treats the batch mean and variance as constants (a wrong gradient).
-
-    The forward output is exactly BN's; only the gradient differs: it flows through ``(x - mean) / std`` as if mean
-    and std were fixed numbers, the "normalization outside the gradient step" of Ioffe & Szegedy (2015, Section 2).
-    Running statistics follow PyTorch's rule, and eval mode is `bnnotes.torch_bn.BatchNorm1d`'s.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(input)
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"expected {self.num_features} channels, got input of shape {tuple(input.shape)}")
-        dims = [0] + list(range(2, input.dim()))
-        m = input.numel() // input.shape[1]
-        with torch.no_grad():  # the statistics are computed, and then cut out of the graph
-            batch_var, batch_mean = torch.var_mean(input, dim=dims, correction=0)
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1.0 - momentum).add_(batch_mean, alpha=momentum)
-                self.running_var.mul_(1.0 - momentum).add_(batch_var * (m / (m - 1)), alpha=momentum)
-        per_channel = (1, -1) + (1,) * (input.dim() - 2)
-        y = (input - batch_mean.view(per_channel)) * torch.rsqrt(batch_var + self.eps).view(per_channel)
-        if self.weight is not None:
-            y = y * self.weight.view(per_channel) + self.bias.view(per_channel)
-        return y
 
 
 @dataclass
