@@ -85,8 +85,8 @@ def train(
     """Train `model` on `data` with SGD and cross-entropy, and record a `History`.
 
     The model is moved to the data's device. With ``BNNOTES_PROGRESS=1`` (the Colab edition) a long cell of training
-    runs prints a line every few seconds (`bnnotes.notebook.heartbeat`); the book's outputs stay free of it. callback(step, model) runs before step 0's update and after every step,
-    for measurements. A non-finite loss stops training and sets ``history.diverged`` (accuracy is then chance).
+    runs prints a line every few seconds (`bnnotes.notebook.heartbeat`); the book's outputs stay free of it.
+    callback(step, model) runs before step 0's update and after every step, for measurements. A non-finite loss stops training and sets ``history.diverged`` (accuracy is then chance).
     batches(generator): optionally replaces `batch_indices` as the source of one epoch of index tensors into
     ``data.x_train`` (indices may repeat), for batch compositions that `TrainConfig.order` does not offer.
     """
@@ -113,12 +113,7 @@ def train(
     epoch: list[torch.Tensor] = []
     for step in range(1, config.steps + 1):
         if not epoch:
-            if batches is not None:
-                epoch = list(batches(generator))
-                if not epoch:
-                    raise ValueError("batches(generator) returned no batches; expected a list of index tensors")
-            else:
-                epoch = batch_indices(data.y_train, config.batch_size, generator, config.order)
+            epoch = _epoch(data, config, generator, batches)
         idx = epoch.pop().to(device)
         model.train()
         logits = model(data.x_train[idx])
@@ -141,6 +136,17 @@ def train(
             if config.stop_at_accuracy is not None and history.test_acc[-1] >= config.stop_at_accuracy:
                 break
     return history
+
+
+def _epoch(data: Dataset, config: TrainConfig, generator: torch.Generator,
+           batches: Callable[[torch.Generator], list[torch.Tensor]] | None) -> list[torch.Tensor]:
+    """One epoch of index tensors into ``data.x_train``: from `batches` if given, else from `batch_indices`."""
+    if batches is None:
+        return batch_indices(data.y_train, config.batch_size, generator, config.order)
+    epoch = list(batches(generator))
+    if not epoch:
+        raise ValueError("batches(generator) returned no batches; expected a list of index tensors")
+    return epoch
 
 
 def steps_to_accuracy(history: History, target: float) -> int | None:
