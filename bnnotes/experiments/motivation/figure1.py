@@ -136,7 +136,7 @@ def reproduce_figure1(config: Figure1Config = Figure1Config(),
     the inputs to the last hidden layer's sigmoids are measured on the test split (see `SigmoidInputTrace`).
     Returns {"none": [run per seed], "bn": [run per seed]}.
 
-    >>> runs = reproduce_figure1(Figure1Config(seeds=(0,), steps=20, hidden=(8, 8), measure_every=10))
+    >>> runs = reproduce_figure1(Figure1Config(seeds=(0,), steps=20, hidden=(8, 8), measure_every=10, eval_every=20))
     >>> runs["bn"][0].trace.percentiles.shape
     (3, 3, 8)
     """
@@ -192,8 +192,9 @@ class GapRun:
 
 @dataclass(frozen=True)
 class GapConfig:
-    """`generalization_gap`: the Figure 1 network trained on `n_train` training digits (drawn per seed) for `steps`
-    steps of plain SGD at `lr`, weights from N(0, init_std^2), evaluated every `eval_every` steps."""
+    """`generalization_gap`: the Figure 1 network (sigmoid layers of widths `hidden`) trained on `n_train` training
+    digits (drawn per seed) for `steps` steps of plain SGD at `lr`, weights from N(0, init_std^2), evaluated every
+    `eval_every` steps."""
 
     n_train: int = 300
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -202,6 +203,7 @@ class GapConfig:
     init_std: float = 0.1
     batch_size: int = 60
     eval_every: int = 20
+    hidden: tuple[int, ...] = (100, 100, 100)
 
 
 def generalization_gap(config: GapConfig = GapConfig(),
@@ -212,7 +214,7 @@ def generalization_gap(config: GapConfig = GapConfig(),
     behind. Each seed draws its own subset (the same for both nets), initialization and batch order.
     Returns {"none": [GapRun per seed], "bn": [GapRun per seed]}.
 
-    >>> gaps = generalization_gap(GapConfig(n_train=120, seeds=(0,), steps=20, eval_every=10))
+    >>> gaps = generalization_gap(GapConfig(n_train=120, seeds=(0,), steps=20, eval_every=10, hidden=(8,)))
     >>> gaps["bn"][0].steps.tolist()
     [0, 10, 20]
     """
@@ -229,7 +231,7 @@ def generalization_gap(config: GapConfig = GapConfig(),
         subset = torch.randperm(full.x_train.shape[0], generator=generator)[:n_train].to(full.x_train.device)
         data = Dataset(full.x_train[subset], full.y_train[subset], full.x_test, full.y_test)
         for norm in PLAIN_AND_BN:
-            model = mlp(data.n_features, norm=norm, init_std=init_std, seed=seed)
+            model = mlp(data.n_features, hidden=config.hidden, norm=norm, init_std=init_std, seed=seed)
             on_train: list[tuple[float, float]] = []
 
             def callback(step: int, net: nn.Module) -> None:

@@ -123,9 +123,9 @@ def _check_sweep(values: Sequence[float], name: str, max_steps: int, target: flo
 
 @dataclass(frozen=True)
 class LearningRateSweepConfig:
-    """`learning_rate_sweep`: the Figure 1 network (weights from N(0, init_std^2)) at each learning rate of `lrs`
-    (increasing), per norm and seed, for at most `max_steps` steps on batches of `batch_size`, evaluated every
-    `eval_every` steps; a sweep stops after `patience` failures in a row."""
+    """`learning_rate_sweep`: the Figure 1 network (sigmoid layers of widths `hidden`, weights from N(0, init_std^2))
+    at each learning rate of `lrs` (increasing), per norm and seed, for at most `max_steps` steps on batches of
+    `batch_size`, evaluated every `eval_every` steps; a sweep stops after `patience` failures in a row."""
 
     lrs: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -136,6 +136,7 @@ class LearningRateSweepConfig:
     patience: int = 2
     eval_every: int = 10
     batch_size: int = 60
+    hidden: tuple[int, ...] = (100, 100, 100)
 
 
 def learning_rate_sweep(config: LearningRateSweepConfig = LearningRateSweepConfig(),
@@ -146,7 +147,8 @@ def learning_rate_sweep(config: LearningRateSweepConfig = LearningRateSweepConfi
     `patience` consecutive learning rates that fail and leaves the larger ones unrun (``nan``, counted as not trained):
     larger steps do not rescue plain SGD on this network, and skipping them keeps the sweep cheap.
 
-    >>> sweep = learning_rate_sweep(LearningRateSweepConfig(lrs=(0.5, 1.0), seeds=(0,), max_steps=30, target=0.5))
+    >>> config = LearningRateSweepConfig(lrs=(0.5, 1.0), seeds=(0,), max_steps=10, target=0.5, hidden=(8,))
+    >>> sweep = learning_rate_sweep(config)
     >>> sweep.steps_to_target["bn"].shape
     (1, 2)
     """
@@ -164,7 +166,8 @@ def learning_rate_sweep(config: LearningRateSweepConfig = LearningRateSweepConfi
             for j, lr in enumerate(values):
                 table[i, j], _ = _steps_to_target(data, norm, seed, lr=float(lr), init_std=config.init_std,
                                                   max_steps=config.max_steps, target=config.target,
-                                                  eval_every=config.eval_every, batch_size=config.batch_size)
+                                                  eval_every=config.eval_every, batch_size=config.batch_size,
+                                                  hidden=config.hidden)
                 failures = failures + 1 if math.isinf(table[i, j]) else 0
                 if failures == config.patience:
                     break
@@ -174,8 +177,9 @@ def learning_rate_sweep(config: LearningRateSweepConfig = LearningRateSweepConfi
 
 @dataclass(frozen=True)
 class InitScaleSweepConfig:
-    """`init_scale_sweep`: the Figure 1 network with weights from N(0, init_std^2) for each value of `init_stds`
-    (increasing), per norm and seed, at learning rate `lr`, for at most `max_steps` steps."""
+    """`init_scale_sweep`: the Figure 1 network (sigmoid layers of widths `hidden`) with weights from N(0, init_std^2)
+    for each value of `init_stds` (increasing), per norm and seed, at learning rate `lr`, for at most `max_steps`
+    steps."""
 
     init_stds: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -185,6 +189,7 @@ class InitScaleSweepConfig:
     norms: tuple[str, ...] = ("none", "bn")
     eval_every: int = 10
     batch_size: int = 60
+    hidden: tuple[int, ...] = (100, 100, 100)
 
 
 def init_scale_sweep(config: InitScaleSweepConfig = InitScaleSweepConfig(),
@@ -194,7 +199,8 @@ def init_scale_sweep(config: InitScaleSweepConfig = InitScaleSweepConfig(),
     Every Linear layer's weights are drawn from N(0, init_std^2). Each run stops as soon as it reaches the target;
     every value is run (failures happen at both ends, too small and too large).
 
-    >>> sweep = init_scale_sweep(InitScaleSweepConfig(init_stds=(0.1, 1.0), seeds=(0,), max_steps=30, target=0.5))
+    >>> config = InitScaleSweepConfig(init_stds=(0.1, 1.0), seeds=(0,), max_steps=10, target=0.5, hidden=(8,))
+    >>> sweep = init_scale_sweep(config)
     >>> sorted(sweep.steps_to_target)
     ['bn', 'none']
     """
@@ -207,8 +213,8 @@ def init_scale_sweep(config: InitScaleSweepConfig = InitScaleSweepConfig(),
     for norm in norms:
         result[norm] = np.array([
             [_steps_to_target(data, norm, seed, lr=config.lr, init_std=float(std), max_steps=config.max_steps,
-                              target=config.target, eval_every=config.eval_every,
-                              batch_size=config.batch_size)[0] for std in values]
+                              target=config.target, eval_every=config.eval_every, batch_size=config.batch_size,
+                              hidden=config.hidden)[0] for std in values]
             for seed in seeds
         ])
     return Sweep("init_std", values, seeds, config.target, config.max_steps, result)
@@ -257,7 +263,8 @@ def init_scheme_steps(config: InitSchemesConfig = InitSchemesConfig(),
     Glorot's rule gives a 100 x 100 layer sigma = 0.1, Kaiming's (meant for ReLUs) sigma = 0.141; the input and output
     layers get their own fans. Each run stops as soon as it reaches `target`.
 
-    >>> result = init_scheme_steps(InitSchemesConfig(schemes=("glorot",), seeds=(0,), max_steps=30, target=0.5))
+    >>> config = InitSchemesConfig(schemes=("glorot",), seeds=(0,), max_steps=10, target=0.5, width=8)
+    >>> result = init_scheme_steps(config)
     >>> result.steps_to_target["none"].shape
     (1, 1)
     """
@@ -337,7 +344,8 @@ def saturating_nonlinearities(config: SaturationConfig = SaturationConfig(),
 
     Same recipe as Figure 1 (N(0, init_std^2) weights, plain SGD); each run stops once it reaches the target.
 
-    >>> result = saturating_nonlinearities(SaturationConfig(depth=2, seeds=(0,), max_steps=30, target=0.5))
+    >>> config = SaturationConfig(depth=2, width=8, seeds=(0,), max_steps=10, target=0.5)
+    >>> result = saturating_nonlinearities(config)
     >>> result.steps_to_target["relu", "bn"].shape
     (1,)
     """
