@@ -1,8 +1,10 @@
 """Experiments of the inference chapter: population statistics against moving averages, train() against eval(),
 conventions of other frameworks, and the speed of a BN-folded network.
 
-Everything builds on the shared `mlp`, `train`, `TrainConfig`, `load_digits` and `evaluate`; models use bnnotes' own
-BN layers.
+Everything builds on the shared `mlp`, `train`, `TrainConfig`, `load_digits` and `evaluate`, and on the statistics
+tools of `bnnotes.experiments.stats` (population statistics, `frozen_buffers`); models use bnnotes' own BN layers.
+Each experiment takes one frozen Config dataclass and returns a result dataclass; timings go through
+`bnnotes.timing.median_interleaved`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "FoldBenchmark",
     "fold_benchmark",
 ]
+
 
 class EmaTracker:
     """Moving averages of every BN layer's batch statistics, for several momenta at once, in PyTorch's convention.
@@ -382,7 +385,8 @@ def convnet(channels: Sequence[int] = (16, 32), n_classes: int = 10, image_shape
 class FoldBenchmarkConfig:
     """Train `convnet` on digits, fold its BN layers, and time inference of both.
 
-    repeats: interleaved timing rounds per batch size; inner: forward passes per timed round.
+    repeats: interleaved timing rounds per batch size; inner: forward passes per timed round; warmup: untimed passes
+    of each model first.
     num_threads: torch's intra-op threads while timing (None: leave as is). On the CPU the time measured is the
     process's CPU time, so keep one thread for a time per pass that does not depend on the machine's load.
     """
@@ -392,6 +396,7 @@ class FoldBenchmarkConfig:
     batch_sizes: tuple[int, ...] = (1, 64)
     repeats: int = 30
     inner: int = 20
+    warmup: int = 3
     num_threads: int | None = 1
     seed: int = 0
 
@@ -421,8 +426,8 @@ def fold_benchmark(config: FoldBenchmarkConfig = FoldBenchmarkConfig(), data: Da
     """Train a small convnet, fold its BN layers with `bnnotes.folding.fold_batchnorm`, and compare.
 
     The timing is `bnnotes.timing.median_interleaved` (no assertion is made on it), by the process's CPU time on the
-    CPU and the wall clock on an accelerator; torch's own ``nn.BatchNorm2d``
-    (through `bnnotes.torch_bn.to_torch_batchnorm`) is timed as a reference for a fused BN kernel.
+    CPU and the wall clock on an accelerator; torch's own ``nn.BatchNorm2d`` (through
+    `bnnotes.torch_bn.to_torch_batchnorm`) is timed as a reference for a fused BN kernel.
     """
     data = (load_digits() if data is None else data).to(device)
     model = convnet(config.channels, data.n_classes, seed=config.seed)
@@ -445,7 +450,7 @@ def fold_benchmark(config: FoldBenchmarkConfig = FoldBenchmarkConfig(), data: Da
             forwards = {name: (lambda net=net: net(x)) for name, net in
                         (("bn", model), ("torch_bn", reference), ("folded", folded))}
             with torch.inference_mode():
-                timing = median_interleaved(forwards, config.repeats, config.inner, warmup=3, clock="cpu",
+                timing = median_interleaved(forwards, config.repeats, config.inner, warmup=config.warmup, clock="cpu",
                                             device=x.device)
             seconds[batch_size] = timing.median
     finally:
