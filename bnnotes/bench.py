@@ -20,15 +20,15 @@ allocations, and either side of the comparison can be slowed by up to 3x from on
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+import bnnotes
 from bnnotes import torch_bn
+from bnnotes.timing import median_interleaved
 
 __all__ = ["SHAPES", "QUICK_SHAPES", "Result", "available_devices", "measure", "run", "steady_heap", "main"]
 
@@ -60,12 +60,13 @@ class Result:
 
 
 def available_devices() -> list[str]:
-    """cpu always, then cuda and mps where present."""
+    """cpu always, then cuda and mps where `bnnotes.device` finds them."""
     devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    if torch.backends.mps.is_available():
-        devices.append("mps")
+    for name in ("cuda", "mps"):
+        try:
+            devices.append(bnnotes.device(name).type)
+        except ValueError:  # not available here
+            pass
     return devices
 
 
@@ -85,13 +86,6 @@ def steady_heap() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
-
-
 def _training_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
     def step() -> None:
         x.grad = None
@@ -108,8 +102,9 @@ def measure(
     """Time training steps of ``torch.nn.BatchNorm*d`` and bnnotes' counterpart on one input shape.
 
     shape: (N, C, *spatial), 2 to 5 dims. runs: interleaved runs per implementation (the median is reported).
-    inner: steps per run; by default as many as take about `target_run_s` (at least 1).
+    inner: steps per run; by default as many as take about `target_run_s` (at least 1), per implementation.
     clock: "wall" (``time.perf_counter``) or "cpu" (``time.process_time``; used for the CPU device only).
+    The timer is `bnnotes.timing.median_interleaved` (2 warm-up steps each, the order rotated every run).
     Returns a `Result`.
 
     >>> measure((16, 4), runs=3, inner=2).shape
@@ -122,7 +117,6 @@ def measure(
         raise ValueError(f"runs must be >= 1, got {runs}")
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
-    now = time.process_time if clock == "cpu" and device == "cpu" else time.perf_counter
     generator = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=generator) * 2.0 + 0.5).to(device).requires_grad_(True)
     dy = torch.randn(shape, generator=generator).to(device)
@@ -131,28 +125,10 @@ def measure(
         "native": _training_step(native_cls(shape[1]).to(device), x, dy),
         "bnnotes": _training_step(ours_cls(shape[1]).to(device), x, dy),
     }
-
-    def timed(step: Callable[[], None], n: int) -> float:
-        _synchronize(device)
-        start = now()
-        for _ in range(n):
-            step()
-        _synchronize(device)
-        return now() - start
-
-    for step in steps.values():  # warm-up: allocator, kernels, lazy initialisation
-        timed(step, 2)
-    if inner is None:
-        single = min(timed(step, 1) for step in steps.values())
-        inner = max(1, int(target_run_s / max(single, 1e-7)))
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    for run_index in range(runs):
-        for name in order if run_index % 2 == 0 else reversed(order):
-            times[name].append(timed(steps[name], inner) / inner)
-    ratios = [ours / native for ours, native in zip(times["bnnotes"], times["native"])]
-    return Result(device, shape, statistics.median(times["native"]), statistics.median(times["bnnotes"]),
-                  statistics.median(ratios), runs)
+    timing = median_interleaved(steps, runs, inner, warmup=2, min_sample_s=target_run_s, clock=clock,
+                                device=device)
+    median = timing.median
+    return Result(device, shape, median["native"], median["bnnotes"], timing.paired_ratio("bnnotes", "native"), runs)
 
 
 def run(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnnotes import numpy_bn, torch_bn
+from bnnotes import numpy_bn, torch_bn, variants
 from bnnotes.experiments import derivation
 
 
@@ -30,7 +30,7 @@ def test_composed_batch_norm_is_batch_norm(shape):
 
 @pytest.mark.parametrize("shape, eps", [((8, 3), 1e-5), ((3, 2, 2, 3), 0.1)])
 def test_all_gradient_methods_agree(shape, eps):
-    errors = derivation.gradient_agreement(shape, eps=eps, seed=1)
+    errors = derivation.gradient_agreement(derivation.GradientAgreementConfig(shape, eps=eps, seed=1))
     assert set(errors) == {"staged", "central differences", "autograd (composed ops)", "torch_bn (hand-written)"}
     assert errors["central differences"] < 1e-7
     for name in ("staged", "autograd (composed ops)", "torch_bn (hand-written)"):
@@ -40,7 +40,7 @@ def test_all_gradient_methods_agree(shape, eps):
 def detached_pair(seed=0):
     torch.manual_seed(seed)
     real = torch_bn.BatchNorm1d(4).double()
-    detached = derivation.DetachedStatsBatchNorm1d(4).double()
+    detached = variants.DetachedStatsBatchNorm1d(4).double()
     with torch.no_grad():
         for layer in (real, detached):
             layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.5]))
@@ -78,7 +78,8 @@ def test_a_bias_before_bn_gets_zero_gradient_only_with_real_bn():
     x = torch.randn(16, 5, dtype=torch.float64)
     dy = torch.randn(16, 3, dtype=torch.float64)
     grads = {}
-    for name, layer in (("bn", torch_bn.BatchNorm1d(3).double()), ("detached", derivation.DetachedStatsBatchNorm1d(3))):
+    layers = (("bn", torch_bn.BatchNorm1d(3).double()), ("detached", variants.DetachedStatsBatchNorm1d(3).double()))
+    for name, layer in layers:
         linear = torch.nn.Linear(5, 3).double()
         torch.manual_seed(1)
         torch.nn.init.normal_(linear.bias)
@@ -89,7 +90,8 @@ def test_a_bias_before_bn_gets_zero_gradient_only_with_real_bn():
 
 
 def test_detached_statistics_small_run():
-    runs = derivation.detached_statistics(seeds=(0,), steps=60, hidden=(20, 20), record_every=20)
+    runs = derivation.detached_statistics(
+        derivation.DetachedConfig(seeds=(0,), steps=60, hidden=(20, 20), record_every=20))
     assert [(r.kind, r.seed) for r in runs] == [("bn", 0), ("detached", 0)]
     for run in runs:
         assert run.step == [0, 20, 40, 60]
@@ -115,13 +117,14 @@ def test_scale_invariance_numbers():
     np.testing.assert_allclose(result.step_angle * result.scales**2, result.step_angle[2], rtol=0.02)
     assert result.row_cosine.shape == result.scales.shape and np.all(result.row_cosine < 1e-12)  # <W_row, grad_row> = 0
     # eps > 0 breaks the invariance, by a relative eps / (a^2 var): visible at small a.
-    with_eps = derivation.scale_invariance(scales=(0.01, 1.0), eps=1e-2)
+    with_eps = derivation.scale_invariance(derivation.ScaleInvarianceConfig(scales=(0.01, 1.0), eps=1e-2))
     assert with_eps.output_change[0] > 1e-3
     assert with_eps.row_cosine[0] > 1e-6  # ... and with it the orthogonality, again visible at small a
 
 
 def test_weight_norm_small_run():
-    runs = derivation.weight_norm_under_weight_decay(weight_decays=(0.0, 1e-2), steps=80, record_every=40)
+    runs = derivation.weight_norm_under_weight_decay(
+        derivation.WeightDecayConfig(weight_decays=(0.0, 1e-2), steps=80, record_every=40))
     free, decayed = runs
     assert free.step == [0, 40, 80] and free.weight_decay == 0.0
     assert free.weight_norm[-1] > free.weight_norm[0]
@@ -145,7 +148,7 @@ def test_saved_tensor_bytes_is_deterministic_and_counts_activations():
 
 
 def test_backward_cost_reports_every_method():
-    results = derivation.backward_cost(shapes=((16, 8), (4, 3, 2, 2)), repeats=2)
+    results = derivation.backward_cost(derivation.BackwardCostConfig(shapes=((16, 8), (4, 3, 2, 2)), repeats=2))
     assert [r.shape for r in results] == [(16, 8), (4, 3, 2, 2)]
     for result in results:
         assert set(result.seconds) == set(result.saved_bytes) == {"hand-written", "composed ops"}

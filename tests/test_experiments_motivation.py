@@ -4,7 +4,6 @@ and one sanity property per experiment. The chapter runs the real configurations
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 
 from bnnotes.experiments import TrainConfig, load_digits, mlp, steps_to_accuracy, train
 from bnnotes.experiments import motivation as M
+from bnnotes.experiments.motivation import figure1
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The early stop that the sweeps use (TrainConfig.stop_at_accuracy, added for them)
@@ -42,7 +42,8 @@ def test_train_without_a_target_runs_every_step():
 
 def test_gradient_norms_shapes_and_determinism():
     kwargs = dict(depth=3, activations=("sigmoid", "relu"), norms=("none", "bn"), seeds=(0, 1))
-    first, second = M.gradient_norms_at_init(**kwargs), M.gradient_norms_at_init(**kwargs)
+    config = M.GradientNormsConfig(**kwargs)
+    first, second = M.gradient_norms_at_init(config), M.gradient_norms_at_init(config)
     assert sorted(first) == [("relu", "bn"), ("relu", "none"), ("sigmoid", "bn"), ("sigmoid", "none")]
     for key, norms in first.items():
         assert norms.shape == (2, 4)
@@ -50,7 +51,7 @@ def test_gradient_norms_shapes_and_determinism():
 
 
 def test_gradient_vanishes_through_plain_sigmoids_but_not_with_bn():
-    norms = M.gradient_norms_at_init(depth=4, activations=("sigmoid",), seeds=(0,))
+    norms = M.gradient_norms_at_init(M.GradientNormsConfig(depth=4, activations=("sigmoid",), seeds=(0,)))
     plain, bn = norms["sigmoid", "none"][0], norms["sigmoid", "bn"][0]
     # g'(x) <= 1/4: each plain sigmoid layer shrinks the gradient by roughly 4x at this scale.
     assert plain[0] < 0.1 * plain[3]
@@ -60,7 +61,7 @@ def test_gradient_vanishes_through_plain_sigmoids_but_not_with_bn():
 @pytest.mark.parametrize("bad", [{"norms": ("ln",)}, {"norms": ()}, {"depth": 0}])
 def test_gradient_norms_rejects_bad_input(bad):
     with pytest.raises(ValueError):
-        M.gradient_norms_at_init(**bad)
+        M.gradient_norms_at_init(M.GradientNormsConfig(**bad))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def _center(x, eps):
 
 
 def test_normalization_cost_shapes():
-    cost = M.normalization_cost(_center, dims=(4, 8, 16), batch_size=10, repeats=2)
+    cost = M.normalization_cost(_center, M.NormalizationCostConfig(dims=(4, 8, 16), batch_size=10, repeats=2))
     assert cost.dims.tolist() == [4, 8, 16] and cost.batch_size == 10
     for times in (cost.whiten_seconds, cost.standardize_seconds, cost.ratio):
         assert times.shape == (3,) and (times > 0).all()
@@ -81,28 +82,24 @@ def test_normalization_cost_shapes():
 
 def test_normalization_cost_calls_the_whitening_with_each_batch():
     calls = []
-    M.normalization_cost(lambda x, eps: calls.append((x.shape, eps)), dims=(3, 5), batch_size=7, repeats=2, eps=0.1)
+    M.normalization_cost(lambda x, eps: calls.append((x.shape, eps)),
+                         M.NormalizationCostConfig(dims=(3, 5), batch_size=7, repeats=2, eps=0.1))
     assert set(calls) == {((7, 3), 0.1), ((7, 5), 0.1)}
     assert calls.count(((7, 3), 0.1)) >= 3  # calibration, then at least one call per repeat
 
 
-def test_calls_per_sample_loops_fast_functions_only():
-    assert M._calls_per_sample(lambda: None, min_seconds=0.005) > 10
-    assert M._calls_per_sample(lambda: time.sleep(0.01), min_seconds=0.005) == 1
-
-
 @pytest.mark.parametrize(
-    "kwargs, error",
-    [({"whiten": "zca"}, TypeError), ({"whiten": _center, "dims": ()}, ValueError),
-     ({"whiten": _center, "dims": (0,)}, ValueError), ({"whiten": _center, "repeats": 0}, ValueError)],
+    "whiten, kwargs, error",
+    [("zca", {}, TypeError), (_center, {"dims": ()}, ValueError),
+     (_center, {"dims": (0,)}, ValueError), (_center, {"repeats": 0}, ValueError)],
 )
-def test_normalization_cost_rejects_bad_input(kwargs, error):
+def test_normalization_cost_rejects_bad_input(whiten, kwargs, error):
     with pytest.raises(error):
-        M.normalization_cost(**kwargs)
+        M.normalization_cost(whiten, M.NormalizationCostConfig(**kwargs))
 
 
 def test_bias_before_bn_changes_nothing_and_gets_no_gradient():
-    effect = M.pre_bn_bias_effect(bias_shift=5.0, batch_size=16, width=7, seed=3)
+    effect = M.pre_bn_bias_effect(M.BiasAbsorptionConfig(bias_shift=5.0, batch_size=16, width=7, seed=3))
     assert effect.weight_grad_max > 1e-4  # the layer does learn through its weights ...
     assert effect.bias_grad_max < 1e-12 * max(1.0, effect.weight_grad_max)  # ... but not through its bias
     assert effect.output_change < 1e-12
@@ -110,7 +107,7 @@ def test_bias_before_bn_changes_nothing_and_gets_no_gradient():
 
 def test_bias_before_bn_rejects_a_batch_of_one():
     with pytest.raises(ValueError, match="batch_size"):
-        M.pre_bn_bias_effect(batch_size=1)
+        M.pre_bn_bias_effect(M.BiasAbsorptionConfig(batch_size=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -133,7 +130,8 @@ def test_trace_drift_spread_and_typical_unit_on_known_percentiles():
 
 def test_reproduce_figure1_shapes_keys_and_determinism():
     kwargs = dict(seeds=(0, 1), steps=30, hidden=(8, 6), measure_every=10, eval_every=15)
-    runs, again = M.reproduce_figure1(**kwargs), M.reproduce_figure1(**kwargs)
+    config = M.Figure1Config(**kwargs)
+    runs, again = M.reproduce_figure1(config), M.reproduce_figure1(config)
     assert sorted(runs) == ["bn", "none"]
     for norm in runs:
         assert [run.seed for run in runs[norm]] == [0, 1]
@@ -151,7 +149,7 @@ def test_reproduce_figure1_shapes_keys_and_determinism():
 def test_bn_trace_at_step_0_uses_the_held_out_batch_statistics():
     # gamma = 1 and beta = 0 at step 0: every unit's held-out inputs are standardized with their own statistics, so
     # the median is near 0 and the 15-85 range near that of a standard normal (2.07), whatever the raw scale.
-    run = M.reproduce_figure1(seeds=(0,), steps=10, hidden=(20, 20), measure_every=10)["bn"][0]
+    run = M.reproduce_figure1(M.Figure1Config(seeds=(0,), steps=10, hidden=(20, 20), measure_every=10))["bn"][0]
     p0 = run.trace.percentiles[0]
     assert np.abs(np.median(p0[1])) < 0.3
     assert 1.5 < np.median(p0[2] - p0[0]) < 2.6
@@ -160,7 +158,7 @@ def test_bn_trace_at_step_0_uses_the_held_out_batch_statistics():
 def test_percentile_measurement_leaves_running_statistics_alone():
     data = load_digits()
     model = mlp(64, hidden=(10, 10), norm="bn", init_std=0.1, seed=0)
-    callback, trace = M._percentile_recorder(model, 1, data, measure_every=1)
+    callback, trace = figure1._percentile_recorder(model, 1, data, measure_every=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     callback(0, model)
     for key, value in model.state_dict().items():
@@ -185,7 +183,8 @@ def test_sweep_trains_and_largest_trainable():
 
 def test_learning_rate_sweep_shapes_and_determinism():
     kwargs = dict(lrs=[0.5, 1.0, 2.0], seeds=(0, 1), max_steps=40, target=0.5)
-    sweep, again = M.learning_rate_sweep(**kwargs), M.learning_rate_sweep(**kwargs)
+    config = M.LearningRateSweepConfig(**kwargs)
+    sweep, again = M.learning_rate_sweep(config), M.learning_rate_sweep(config)
     assert sweep.parameter == "lr" and sweep.values.tolist() == [0.5, 1.0, 2.0] and sweep.seeds == (0, 1)
     for norm in ("none", "bn"):
         assert sweep.steps_to_target[norm].shape == (2, 3)
@@ -197,8 +196,8 @@ def test_learning_rate_sweep_shapes_and_determinism():
 @pytest.mark.parametrize("patience", [1, 2])
 def test_learning_rate_sweep_stops_after_patience_failures(patience):
     # An unreachable target: every run fails; after `patience` failures the rest are skipped (nan, not trained).
-    sweep = M.learning_rate_sweep([1.0, 2.0, 4.0, 8.0], seeds=(0,), max_steps=3, target=1.0, norms=("bn",),
-                                  patience=patience)
+    sweep = M.learning_rate_sweep(M.LearningRateSweepConfig(lrs=(1.0, 2.0, 4.0, 8.0), seeds=(0,), max_steps=3,
+                                                            target=1.0, norms=("bn",), patience=patience))
     steps = sweep.steps_to_target["bn"][0]
     assert np.isinf(steps[:patience]).all() and np.isnan(steps[patience:]).all()
     assert not sweep.trains("bn").any() and math.isnan(sweep.largest_trainable("bn")[0])
@@ -210,11 +209,12 @@ def test_learning_rate_sweep_stops_after_patience_failures(patience):
 )
 def test_learning_rate_sweep_rejects_bad_input(kwargs):
     with pytest.raises(ValueError):
-        M.learning_rate_sweep(**kwargs)
+        M.learning_rate_sweep(M.LearningRateSweepConfig(**kwargs))
 
 
 def test_init_scale_sweep_shapes_and_sanity():
-    sweep = M.init_scale_sweep([0.1, 1.0], seeds=(0,), max_steps=40, target=0.5, norms=("bn",))
+    sweep = M.init_scale_sweep(M.InitScaleSweepConfig(init_stds=(0.1, 1.0), seeds=(0,), max_steps=40, target=0.5,
+                                                      norms=("bn",)))
     assert sweep.parameter == "init_std" and list(sweep.steps_to_target) == ["bn"]
     assert sweep.steps_to_target["bn"].shape == (1, 2)
     assert sweep.trains("bn").all()  # BN reaches 50% within 40 steps from either scale
@@ -222,7 +222,7 @@ def test_init_scale_sweep_shapes_and_sanity():
 
 def test_sweeps_reject_an_empty_seed_list():
     with pytest.raises(TypeError, match="seeds"):
-        M.init_scale_sweep([0.1], seeds=())
+        M.init_scale_sweep(M.InitScaleSweepConfig(init_stds=[0.1], seeds=()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_sweeps_reject_an_empty_seed_list():
 
 
 def test_generalization_gap_shapes_and_gaps():
-    runs = M.generalization_gap(n_train=120, seeds=(0, 1), steps=40, eval_every=20)
+    runs = M.generalization_gap(M.GapConfig(n_train=120, seeds=(0, 1), steps=40, eval_every=20))
     assert sorted(runs) == ["bn", "none"]
     for norm, per_seed in runs.items():
         assert [run.seed for run in per_seed] == [0, 1]
@@ -245,8 +245,8 @@ def test_generalization_gap_shapes_and_gaps():
 
 
 def test_generalization_gap_is_deterministic():
-    first = M.generalization_gap(n_train=60, seeds=(2,), steps=10, eval_every=5)
-    second = M.generalization_gap(n_train=60, seeds=(2,), steps=10, eval_every=5)
+    first = M.generalization_gap(M.GapConfig(n_train=60, seeds=(2,), steps=10, eval_every=5))
+    second = M.generalization_gap(M.GapConfig(n_train=60, seeds=(2,), steps=10, eval_every=5))
     for norm in first:
         np.testing.assert_array_equal(first[norm][0].test_loss, second[norm][0].test_loss)
         np.testing.assert_array_equal(first[norm][0].train_loss, second[norm][0].train_loss)
@@ -254,11 +254,11 @@ def test_generalization_gap_is_deterministic():
 
 def test_generalization_gap_rejects_a_subset_smaller_than_a_batch():
     with pytest.raises(ValueError, match="n_train"):
-        M.generalization_gap(n_train=30, batch_size=60)
+        M.generalization_gap(M.GapConfig(n_train=30, batch_size=60))
 
 
 def test_saturating_nonlinearities_shapes_and_speedup():
-    result = M.saturating_nonlinearities(depth=2, seeds=(0, 1), max_steps=40, target=0.5)
+    result = M.saturating_nonlinearities(M.SaturationConfig(depth=2, seeds=(0, 1), max_steps=40, target=0.5))
     assert sorted(result.steps_to_target) == [("relu", "bn"), ("relu", "none"), ("sigmoid", "bn"), ("sigmoid", "none")]
     assert all(v.shape == (2,) for v in result.steps_to_target.values())
     assert result.final_test_acc.keys() == result.steps_to_target.keys()
@@ -278,7 +278,7 @@ def test_speedup_counts_a_failed_plain_run_as_max_steps():
 
 
 def test_backprop_gains_respect_the_operator_norm_bound_and_match_the_typical_gain():
-    gains = M.backprop_gains_at_init(init_std=0.1, depth=4, width=100, batch_size=60, seed=0)
+    gains = M.backprop_gains_at_init(M.BackpropGainsConfig(init_std=0.1, depth=4, width=100, batch_size=60, seed=0))
     assert gains.measured.shape == gains.bound.shape == gains.typical.shape == (3,)
     assert (gains.measured <= gains.bound).all()  # the bound holds for every layer, as an inequality must
     np.testing.assert_allclose(gains.measured, gains.typical, rtol=0.25)  # the typical-vector estimate
@@ -287,16 +287,17 @@ def test_backprop_gains_respect_the_operator_norm_bound_and_match_the_typical_ga
 
 
 def test_backprop_gains_see_saturation_at_large_scales():
-    small, large = (M.backprop_gains_at_init(init_std=std, depth=3, width=50, batch_size=30) for std in (0.1, 3.0))
+    small, large = (M.backprop_gains_at_init(M.BackpropGainsConfig(init_std=std, depth=3, width=50, batch_size=30))
+                    for std in (0.1, 3.0))
     assert (large.preact_std > 10 * small.preact_std).all()
     assert (large.mean_derivative < 0.2 * small.mean_derivative).all()
 
 
 def test_backprop_gains_reject_a_network_without_a_hidden_to_hidden_layer():
     with pytest.raises(ValueError, match="depth >= 2"):
-        M.backprop_gains_at_init(depth=1)
+        M.backprop_gains_at_init(M.BackpropGainsConfig(depth=1))
     with pytest.raises(ValueError, match="init_std must be positive"):
-        M.backprop_gains_at_init(init_std=0.0)
+        M.backprop_gains_at_init(M.BackpropGainsConfig(init_std=0.0))
 
 
 def test_init_schemes_give_the_fan_based_standard_deviations():
@@ -314,12 +315,13 @@ def test_init_schemes_give_the_fan_based_standard_deviations():
 
 
 def test_init_scheme_steps_shapes_and_determinism():
-    run = lambda: M.init_scheme_steps(schemes=("glorot", "kaiming"), seeds=(0,), max_steps=40, target=0.5)
+    config = M.InitSchemesConfig(schemes=("glorot", "kaiming"), seeds=(0,), max_steps=40, target=0.5)
+    run = lambda: M.init_scheme_steps(config)
     first, second = run(), run()
     assert first.steps_to_target["bn"].shape == (1, 2) and set(first.steps_to_target) == {"none", "bn"}
     for norm in ("none", "bn"):
         np.testing.assert_array_equal(first.steps_to_target[norm], second.steps_to_target[norm])
     assert first.hidden_std == pytest.approx({"glorot": 0.1, "kaiming": math.sqrt(0.02)})
     with pytest.raises(ValueError, match="schemes must be a non-empty subset"):
-        M.init_scheme_steps(schemes=("lecun",))
+        M.init_scheme_steps(M.InitSchemesConfig(schemes=("lecun",)))
 

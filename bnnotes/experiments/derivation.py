@@ -1,14 +1,14 @@
 """Experiments of the derivation chapter: the transform, its gradient, and what the gradient implies.
 
-Each function runs one experiment of ``book/derivation.md`` with a small explicit configuration and returns plain
-numbers (NumPy arrays in small dataclasses) that the chapter plots and asserts on. Models use bnnotes' own BN and the
-shared `mlp`, `train`, `TrainConfig` and `load_digits`.
+Each function runs one experiment of ``book/derivation.md``: it takes one frozen Config dataclass that holds every
+constant and seed, and returns plain numbers (NumPy arrays in small dataclasses) that the chapter plots and asserts
+on. Models use bnnotes' own BN and the shared `mlp`, `train`, `TrainConfig` and `load_digits`.
 
 - `central_differences`, `gradient_agreement`: the hand-derived backward against numerical and automatic
   differentiation.
 - `composed_batch_norm`: BN written as ordinary differentiable tensor ops, for autograd to differentiate.
-- `DetachedStatsBatchNorm1d`, `detached_statistics`: BN whose backward treats the batch statistics as constants
-  (Ioffe & Szegedy, 2015, Section 2), trained against real BN.
+- `detached_statistics`: BN whose backward treats the batch statistics as constants
+  (`bnnotes.variants.DetachedStatsBatchNorm1d`; Ioffe & Szegedy, 2015, Section 2), trained against real BN.
 - `sigmoid_linearity`: how close to linear a sigmoid is on normalized inputs scaled by gamma.
 - `scale_invariance`: BN(aWu) = BN(Wu), the gradient with respect to W scales as 1/a and the step's angle as 1/a^2.
 - `weight_norm_under_weight_decay`: the norm of a BN-preceded weight matrix during training, with and without decay.
@@ -19,8 +19,6 @@ shared `mlp`, `train`, `TrainConfig` and `load_digits`.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,21 +28,28 @@ from torch import Tensor, nn
 
 from bnnotes import numpy_bn, torch_bn
 from bnnotes.experiments.data import load_digits
-from bnnotes.experiments.models import mlp
+from bnnotes.experiments.models import hidden_linears, mlp
+from bnnotes.experiments.stats import frozen_buffers, norm_layers
 from bnnotes.experiments.training import TrainConfig, train
+from bnnotes.variants import DetachedStatsBatchNorm1d
+from bnnotes.timing import median_interleaved
 
 __all__ = [
     "central_differences",
     "composed_batch_norm",
+    "GradientAgreementConfig",
     "gradient_agreement",
-    "DetachedStatsBatchNorm1d",
+    "DetachedConfig",
     "DetachedRun",
     "detached_statistics",
     "sigmoid_linearity",
+    "ScaleInvarianceConfig",
     "ScaleInvariance",
     "scale_invariance",
+    "WeightDecayConfig",
     "WeightNormRun",
     "weight_norm_under_weight_decay",
+    "BackwardCostConfig",
     "BackwardCost",
     "backward_cost",
 ]
@@ -108,14 +113,30 @@ def _bn_case(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray,
     return x, gamma, beta, dy
 
 
-def gradient_agreement(shape: tuple[int, ...] = (8, 3), eps: float = 1e-5, seed: int = 0) -> dict[str, float]:
+@dataclass(frozen=True)
+class GradientAgreementConfig:
+    """`gradient_agreement`: a float64 case of `shape` drawn with `seed`, BN with `eps`, central differences with
+    step `h`."""
+
+    shape: tuple[int, ...] = (8, 3)
+    eps: float = 1e-5
+    seed: int = 0
+    h: float = 1e-6
+
+
+def gradient_agreement(config: GradientAgreementConfig = GradientAgreementConfig()) -> dict[str, float]:
     """The largest relative disagreement of each gradient method with `numpy_bn.backward` (the compact form).
 
     The loss is sum(dy * BN(x)) with a non-uniform dy, in float64. Compared, for (dx, dgamma, dbeta) together:
     ``"staged"`` (`numpy_bn.backward_staged`), ``"central differences"``, ``"autograd (composed ops)"`` and
     ``"torch_bn (hand-written)"``. Returns ``{method: max|g - g_compact| / max|g_compact|}``.
+
+    >>> errors = gradient_agreement(GradientAgreementConfig(shape=(4, 2)))
+    >>> bool(errors["staged"] < 1e-12 and errors["central differences"] < 1e-6)
+    True
     """
-    x, gamma, beta, dy = _bn_case(shape, seed)
+    eps = config.eps
+    x, gamma, beta, dy = _bn_case(config.shape, config.seed)
     _, cache = numpy_bn.forward(x, gamma, beta, eps)
     compact = numpy_bn.backward(dy, cache)
 
@@ -124,7 +145,7 @@ def gradient_agreement(shape: tuple[int, ...] = (8, 3), eps: float = 1e-5, seed:
 
     results = {
         "staged": numpy_bn.backward_staged(dy, cache),
-        "central differences": central_differences(loss, [x, gamma, beta]),
+        "central differences": central_differences(loss, [x, gamma, beta], h=config.h),
     }
     for name, function in [
         ("autograd (composed ops)", lambda xt, wt, bt: composed_batch_norm(xt, wt, bt, eps)),
@@ -141,36 +162,6 @@ def gradient_agreement(shape: tuple[int, ...] = (8, 3), eps: float = 1e-5, seed:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Why the gradient must flow through the batch statistics
-
-
-class DetachedStatsBatchNorm1d(torch_bn.BatchNorm1d):
-    """BatchNorm1d whose training backward treats the batch mean and variance as constants (a wrong gradient).
-
-    The forward output is exactly BN's; only the gradient differs: it flows through ``(x - mean) / std`` as if mean
-    and std were fixed numbers, the "normalization outside the gradient step" of Ioffe & Szegedy (2015, Section 2).
-    Running statistics follow PyTorch's rule, and eval mode is `bnnotes.torch_bn.BatchNorm1d`'s.
-    """
-
-    def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(input)
-        self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"expected {self.num_features} channels, got input of shape {tuple(input.shape)}")
-        dims = [0] + list(range(2, input.dim()))
-        m = input.numel() // input.shape[1]
-        with torch.no_grad():  # the statistics are computed, and then cut out of the graph
-            batch_var, batch_mean = torch.var_mean(input, dim=dims, correction=0)
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1.0 - momentum).add_(batch_mean, alpha=momentum)
-                self.running_var.mul_(1.0 - momentum).add_(batch_var * (m / (m - 1)), alpha=momentum)
-        per_channel = (1, -1) + (1,) * (input.dim() - 2)
-        y = (input - batch_mean.view(per_channel)) * torch.rsqrt(batch_var + self.eps).view(per_channel)
-        if self.weight is not None:
-            y = y * self.weight.view(per_channel) + self.bias.view(per_channel)
-        return y
 
 
 @dataclass
@@ -199,15 +190,22 @@ class DetachedRun:
         return float(np.mean(self.train_loss[-window:]))
 
 
-def detached_statistics(
-    seeds: Sequence[int] = (0, 1),
-    steps: int = 800,
-    lr: float = 0.5,
-    batch_size: int = 60,
-    hidden: Sequence[int] = (100, 100, 100),
-    record_every: int = 25,
-    device: torch.device | str | None = None,
-) -> list[DetachedRun]:
+@dataclass(frozen=True)
+class DetachedConfig:
+    """`detached_statistics`: the sigmoid MLP of widths `hidden` (PyTorch's default initialization from the seed),
+    plain SGD at `lr` on batches of `batch_size` for `steps` steps per seed; norms recorded every `record_every`
+    steps."""
+
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 800
+    lr: float = 0.5
+    batch_size: int = 60
+    hidden: tuple[int, ...] = (100, 100, 100)
+    record_every: int = 25
+
+
+def detached_statistics(config: DetachedConfig = DetachedConfig(),
+                        device: torch.device | str | None = None) -> list[DetachedRun]:
     """Train the same sigmoid MLP with real BN and with `DetachedStatsBatchNorm1d`, each Linear with a bias.
 
     With real BN a bias before BN has exactly no effect on the output and gets exactly zero gradient; with the
@@ -215,13 +213,14 @@ def detached_statistics(
     Returns one `DetachedRun` per (kind, seed), kinds ``"bn"`` and ``"detached"``.
     """
     data = load_digits(device=device)
-    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, eval_every=steps)
+    steps, record_every = config.steps, config.record_every
+    train_config = TrainConfig(steps=steps, lr=config.lr, batch_size=config.batch_size, eval_every=steps)
     factories = {"bn": torch_bn.BatchNorm1d, "detached": DetachedStatsBatchNorm1d}
     runs = []
-    for seed in seeds:
+    for seed in config.seeds:
         for kind, factory in factories.items():
-            model = mlp(data.n_features, hidden=hidden, norm=factory, linear_bias=True, seed=seed)
-            linears = [model[3 * i] for i in range(len(hidden))]
+            model = mlp(data.n_features, hidden=config.hidden, norm=factory, linear_bias=True, seed=seed)
+            linears = hidden_linears(model)
             run = DetachedRun(kind, seed)
 
             def record(step: int, _model: nn.Module, run: DetachedRun = run, linears: list = linears) -> None:
@@ -231,27 +230,28 @@ def detached_statistics(
                         run.bias_norm.append(float(torch.cat([layer.bias for layer in linears]).norm()))
                         run.weight_norm.append(float(torch.cat([layer.weight.flatten() for layer in linears]).norm()))
 
-            history = train(model, data, dataclasses.replace(config, seed=seed), callback=record)
+            history = train(model, data, dataclasses.replace(train_config, seed=seed), callback=record)
             run.train_loss = history.train_loss
             run.final_test_acc = history.final_test_acc
-            gammas = [model[3 * i + 1].weight.detach().cpu().numpy() for i in range(len(hidden))]
-            run.final_gamma = np.concatenate(gammas)
-            run.final_pre_bn_std = _pre_bn_std(model, data.x_train, len(hidden))
+            run.final_gamma = np.concatenate([bn.weight.detach().cpu().numpy() for bn in norm_layers(model)])
+            run.final_pre_bn_std = _pre_bn_std(model, data.x_train)
             runs.append(run)
     return runs
 
 
 @torch.no_grad()
-def _pre_bn_std(model: nn.Sequential, x: Tensor, n_hidden: int) -> np.ndarray:
-    """The per-unit standard deviation of every hidden Linear's output on x, in eval mode (model[3 * i] is Linear i)."""
-    was_training = model.training
-    model.eval()
-    stds = []
-    for i in range(n_hidden):
-        pre_bn = model[: 3 * i + 1](x)
-        stds.append(pre_bn.std(dim=0, correction=0).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(stds)
+def _pre_bn_std(model: nn.Sequential, x: Tensor) -> np.ndarray:
+    """The per-unit standard deviation of every hidden Linear's output on x, in eval mode, concatenated."""
+    outputs: list[Tensor] = []
+    handles = [linear.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+               for linear in hidden_linears(model)]
+    try:
+        with frozen_buffers(model, train=False):
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return np.concatenate([pre_bn.std(dim=0, correction=0).cpu().numpy() for pre_bn in outputs])
 
 
 def sigmoid_linearity(gammas: Sequence[float], samples: int = 20000, seed: int = 0) -> np.ndarray:
@@ -293,21 +293,32 @@ class ScaleInvariance:
     row_cosine: np.ndarray
 
 
-def scale_invariance(
-    scales: Sequence[float] = (0.3, 0.6, 1.0, 1.7, 3.1, 7.3),
-    batch: int = 32,
-    in_features: int = 20,
-    out_features: int = 10,
-    lr: float = 0.01,
-    eps: float = 0.0,
-    seed: int = 0,
-) -> ScaleInvariance:
+@dataclass(frozen=True)
+class ScaleInvarianceConfig:
+    """`scale_invariance`: a (batch, in_features) input u and an (out_features, in_features) W drawn with `seed`,
+    scaled by each of `scales`; BN with `eps`; one SGD step of `lr`."""
+
+    scales: tuple[float, ...] = (0.3, 0.6, 1.0, 1.7, 3.1, 7.3)
+    batch: int = 32
+    in_features: int = 20
+    out_features: int = 10
+    lr: float = 0.01
+    eps: float = 0.0
+    seed: int = 0
+
+
+def scale_invariance(config: ScaleInvarianceConfig = ScaleInvarianceConfig()) -> ScaleInvariance:
     """BN(aWu) against BN(Wu) with `bnnotes.torch_bn.batch_norm`, in float64, and the gradient with respect to aW.
 
     With eps = 0 the invariance is exact; eps > 0 breaks it by a relative eps / (a^2 var). The loss is
     sum(g * BN(aWu)) for a fixed random g. Returns a `ScaleInvariance`.
+
+    >>> bool(scale_invariance().output_change.max() < 1e-12)
+    True
     """
-    generator = torch.Generator().manual_seed(seed)
+    batch, in_features, out_features = config.batch, config.in_features, config.out_features
+    scales, lr, eps = config.scales, config.lr, config.eps
+    generator = torch.Generator().manual_seed(config.seed)
     u = torch.randn(batch, in_features, generator=generator, dtype=torch.float64)
     weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
     upstream = torch.randn(batch, out_features, generator=generator, dtype=torch.float64)
@@ -347,15 +358,22 @@ class WeightNormRun:
     final_test_acc: float = float("nan")
 
 
-def weight_norm_under_weight_decay(
-    weight_decays: Sequence[float] = (0.0, 1e-3),
-    steps: int = 800,
-    lr: float = 0.5,
-    batch_size: int = 60,
-    seed: int = 0,
-    record_every: int = 25,
-    device: torch.device | str | None = None,
-) -> list[WeightNormRun]:
+@dataclass(frozen=True)
+class WeightDecayConfig:
+    """`weight_norm_under_weight_decay`: a 3 x 100 sigmoid MLP with BN (initialization and batches from `seed`),
+    plain SGD at `lr` on batches of `batch_size` for `steps` steps under each of `weight_decays`; the norm recorded
+    every `record_every` steps."""
+
+    weight_decays: tuple[float, ...] = (0.0, 1e-3)
+    steps: int = 800
+    lr: float = 0.5
+    batch_size: int = 60
+    seed: int = 0
+    record_every: int = 25
+
+
+def weight_norm_under_weight_decay(config: WeightDecayConfig = WeightDecayConfig(),
+                                   device: torch.device | str | None = None) -> list[WeightNormRun]:
     """Train a 3x100 sigmoid MLP with BN (no pre-BN biases) under each weight decay; record the first layer's norm.
 
     The loss does not depend on the scale of a BN-preceded weight matrix, so its gradient is orthogonal to W and plain
@@ -363,19 +381,21 @@ def weight_norm_under_weight_decay(
     effective learning rate ``lr / ||W||^2``. Returns one `WeightNormRun` per weight decay.
     """
     data = load_digits(device=device)
+    steps, record_every = config.steps, config.record_every
     runs = []
-    for weight_decay in weight_decays:
-        model = mlp(data.n_features, norm="bn", seed=seed)
+    for weight_decay in config.weight_decays:
+        model = mlp(data.n_features, norm="bn", seed=config.seed)
+        first = hidden_linears(model)[0]
         run = WeightNormRun(weight_decay)
 
-        def record(step: int, model: nn.Module, run: WeightNormRun = run) -> None:
+        def record(step: int, model: nn.Module, run: WeightNormRun = run, first: nn.Linear = first) -> None:
             if step % record_every == 0 or step == steps:
                 run.step.append(step)
-                run.weight_norm.append(float(model[0].weight.detach().norm()))
+                run.weight_norm.append(float(first.weight.detach().norm()))
 
-        config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, weight_decay=weight_decay, eval_every=steps,
-                             seed=seed)
-        run.final_test_acc = train(model, data, config, callback=record).final_test_acc
+        train_config = TrainConfig(steps=steps, lr=config.lr, batch_size=config.batch_size, weight_decay=weight_decay,
+                                   eval_every=steps, seed=config.seed)
+        run.final_test_acc = train(model, data, train_config, callback=record).final_test_acc
         runs.append(run)
     return runs
 
@@ -430,43 +450,43 @@ def saved_tensor_bytes(function: Callable[..., Tensor], x: Tensor, *parameters: 
     return sum(storages.values())
 
 
-def backward_cost(
-    shapes: Sequence[tuple[int, ...]] = ((256, 1024), (32, 64, 16, 16)),
-    repeats: int = 25,
-    eps: float = 1e-5,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-) -> list[BackwardCost]:
-    """Time (median of `repeats` interleaved runs) and saved-tensor bytes of one training forward + backward in
-    float32, for `bnnotes.torch_bn.batch_norm` (hand-written backward) and `composed_batch_norm` (autograd).
+@dataclass(frozen=True)
+class BackwardCostConfig:
+    """`backward_cost`: float32 inputs of each of `shapes` drawn with `seed`, BN with `eps`, `repeats` timing rounds
+    after `warmup` untimed calls."""
 
-    A measurement, not a benchmark to assert on: the times depend on the machine and its load. Returns one
-    `BackwardCost` per shape.
+    shapes: tuple[tuple[int, ...], ...] = ((256, 1024), (32, 64, 16, 16))
+    repeats: int = 25
+    warmup: int = 2
+    eps: float = 1e-5
+    seed: int = 0
+
+
+def backward_cost(config: BackwardCostConfig = BackwardCostConfig(),
+                  device: torch.device | str | None = None) -> list[BackwardCost]:
+    """Time and saved-tensor bytes of one training forward + backward in float32, for `bnnotes.torch_bn.batch_norm`
+    (hand-written backward) and `composed_batch_norm` (autograd).
+
+    The time is `bnnotes.timing.median_interleaved`'s: the median of `repeats` interleaved rounds, synchronized on an
+    accelerator. A measurement, not a benchmark to assert on: the times depend on the machine and its load. Returns
+    one `BackwardCost` per shape. device: default the CPU.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    generator = torch.Generator().manual_seed(seed)
-    methods = _methods(eps)
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    generator = torch.Generator().manual_seed(config.seed)
+    methods = _methods(config.eps)
     results = []
-    for shape in shapes:
+    for shape in config.shapes:
         x = (torch.randn(shape, generator=generator) * 2.0 + 3.0).to(device).requires_grad_(True)
         weight = (torch.rand(shape[1], generator=generator) + 0.5).to(device).requires_grad_(True)
         bias = torch.randn(shape[1], generator=generator).to(device).requires_grad_(True)
         dy = torch.randn(shape, generator=generator).to(device)
         saved = {name: saved_tensor_bytes(function, x, weight, bias) for name, function in methods.items()}
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        for repeat in range(repeats + 2):  # the first two rounds warm up allocators and caches
-            for name, function in methods.items():
-                x.grad = weight.grad = bias.grad = None
-                synchronize()
-                start = time.perf_counter()
-                function(x, weight, bias).backward(dy)
-                synchronize()
-                if repeat >= 2:
-                    times[name].append(time.perf_counter() - start)
-        results.append(BackwardCost(tuple(shape), {n: statistics.median(t) for n, t in times.items()}, saved))
+
+        def step(function: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:
+            x.grad = weight.grad = bias.grad = None
+            function(x, weight, bias).backward(dy)
+
+        steps = {name: (lambda function=function: step(function)) for name, function in methods.items()}
+        timing = median_interleaved(steps, config.repeats, inner=1, warmup=config.warmup, device=device)
+        results.append(BackwardCost(tuple(shape), timing.median, saved))
     return results

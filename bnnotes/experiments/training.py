@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnnotes.experiments.data import Dataset, batch_indices
+from bnnotes.experiments.stats import frozen_buffers
 from bnnotes.notebook import heartbeat
 
 __all__ = ["TrainConfig", "History", "train", "evaluate", "steps_to_accuracy"]
@@ -58,17 +59,17 @@ class History:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eval_mode: bool = True) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) of `model` on (x, y), in eval mode by default; the mode is restored after.
 
-    In train mode (eval_mode=False) the whole split is one batch and running statistics are left untouched.
+    In train mode (eval_mode=False) the whole split is one batch, inside `frozen_buffers`: the running statistics are
+    left untouched.
     """
-    was_training = model.training
-    saved = None
-    if not eval_mode:
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train(not eval_mode)
-    logits = model(x)
-    model.train(was_training)
-    if saved is not None:
-        model.load_state_dict(saved)
+    if eval_mode:
+        was_training = model.training
+        model.eval()
+        logits = model(x)
+        model.train(was_training)
+    else:
+        with frozen_buffers(model):
+            logits = model(x)
     loss = F.cross_entropy(logits, y).item()
     acc = (logits.argmax(dim=1) == y).float().mean().item()
     return loss, acc
@@ -84,8 +85,8 @@ def train(
     """Train `model` on `data` with SGD and cross-entropy, and record a `History`.
 
     The model is moved to the data's device. With ``BNNOTES_PROGRESS=1`` (the Colab edition) a long cell of training
-    runs prints a line every few seconds (`bnnotes.notebook.heartbeat`); the book's outputs stay free of it. callback(step, model) runs before step 0's update and after every step,
-    for measurements. A non-finite loss stops training and sets ``history.diverged`` (accuracy is then chance).
+    runs prints a line every few seconds (`bnnotes.notebook.heartbeat`); the book's outputs stay free of it.
+    callback(step, model) runs before step 0's update and after every step, for measurements. A non-finite loss stops training and sets ``history.diverged`` (accuracy is then chance).
     batches(generator): optionally replaces `batch_indices` as the source of one epoch of index tensors into
     ``data.x_train`` (indices may repeat), for batch compositions that `TrainConfig.order` does not offer.
     """
@@ -112,12 +113,7 @@ def train(
     epoch: list[torch.Tensor] = []
     for step in range(1, config.steps + 1):
         if not epoch:
-            if batches is not None:
-                epoch = list(batches(generator))
-                if not epoch:
-                    raise ValueError("batches(generator) returned no batches; expected a list of index tensors")
-            else:
-                epoch = batch_indices(data.y_train, config.batch_size, generator, config.order)
+            epoch = _epoch(data, config, generator, batches)
         idx = epoch.pop().to(device)
         model.train()
         logits = model(data.x_train[idx])
@@ -140,6 +136,17 @@ def train(
             if config.stop_at_accuracy is not None and history.test_acc[-1] >= config.stop_at_accuracy:
                 break
     return history
+
+
+def _epoch(data: Dataset, config: TrainConfig, generator: torch.Generator,
+           batches: Callable[[torch.Generator], list[torch.Tensor]] | None) -> list[torch.Tensor]:
+    """One epoch of index tensors into ``data.x_train``: from `batches` if given, else from `batch_indices`."""
+    if batches is None:
+        return batch_indices(data.y_train, config.batch_size, generator, config.order)
+    epoch = list(batches(generator))
+    if not epoch:
+        raise ValueError("batches(generator) returned no batches; expected a list of index tensors")
+    return epoch
 
 
 def steps_to_accuracy(history: History, target: float) -> int | None:
