@@ -13,7 +13,9 @@ from bnnotes.lp_norm import LpBatchNorm1d
 from bnnotes.renorm import BatchRenorm1d
 from bnnotes.torch_bn import BatchNorm1d, BatchNorm2d
 
-__all__ = ["norm_factory", "make_norm", "mlp", "hidden_linears", "NORMS", "SPATIAL_NORMS", "ACTIVATIONS"]
+__all__ = [
+    "norm_factory", "make_norm", "mlp", "hidden_linears", "hidden_norms", "NORMS", "SPATIAL_NORMS", "ACTIVATIONS",
+]
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -146,6 +148,18 @@ def hidden_linears(model: nn.Module) -> list[nn.Linear]:
     2
     """
     return [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+
+
+def hidden_norms(model: nn.Sequential) -> list[nn.Module]:
+    """The normalization module after each hidden Linear of an `mlp`, in forward order (``nn.Identity`` without one):
+    the module whose output feeds the layer's nonlinearity.
+
+    >>> [type(m).__name__ for m in hidden_norms(mlp(64, hidden=(100, 100), norm="bn"))]
+    ['BatchNorm1d', 'BatchNorm1d']
+    """
+    layers = list(model)
+    positions = {id(layer): i for i, layer in enumerate(layers)}
+    return [layers[positions[id(linear)] + 1] for linear in hidden_linears(model)]
 
 
 def _init_linear(layer: nn.Linear, init_std: float | None, generator: torch.Generator) -> None:
