@@ -329,14 +329,14 @@ def lower_layer_step(model: nn.Module, x: Tensor, y: Tensor, lr: float) -> np.nd
     """
     if not lr > 0:
         raise ValueError(f"lr must be a positive learning rate, got {lr!r}")
-    net = copy.deepcopy(model).train()
-    named = list(net.named_parameters())
+    named = list(model.named_parameters())
     order = [n for n, _ in named]
-    grads = torch.autograd.grad(F.cross_entropy(net(x), y), [p for _, p in named])
+    with frozen_buffers(model):  # a training-mode pass that leaves the running statistics alone
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), [p for _, p in named])
     step_sq = np.array([(lr * g.detach().double()).pow(2).sum().item() for g in grads])
     size_sq = np.array([p.detach().double().pow(2).sum().item() for _, p in named])
     relative = []
-    for name, _ in _linear_weights(net):
+    for name, _ in _linear_weights(model):
         below = order.index(name)
         size = math.sqrt(size_sq[:below].sum())
         relative.append(math.sqrt(step_sq[:below].sum()) / size if below else 0.0)
@@ -410,10 +410,10 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
                 if step % config.measure_every:
                     return
                 l2, cos = gradient_ics(net, x_probe, y_probe, config.lr)
-                net_copy = copy.deepcopy(net).train()
-                loss = F.cross_entropy(net_copy(x_probe), y_probe)
-                ws = [w for _, w in _linear_weights(net_copy)]
-                gnorms.append([g.norm().item() for g in torch.autograd.grad(loss, ws)])
+                ws = [w for _, w in _linear_weights(net)]
+                with frozen_buffers(net):
+                    loss = F.cross_entropy(net(x_probe), y_probe)
+                    gnorms.append([g.norm().item() for g in torch.autograd.grad(loss, ws)])
                 lower.append(lower_layer_step(net, x_probe, y_probe, config.lr))
                 steps.append(step)
                 l2s.append(l2)
@@ -537,9 +537,9 @@ def scale_symmetry(model: nn.Sequential, x: Tensor, y: Tensor, factor: float) ->
     """
 
     def measure(net: nn.Sequential, v: list[Tensor] | None):
-        net = copy.deepcopy(net).train()
         block = [m.weight for m in hidden_linears(net)]
-        loss = F.cross_entropy(net(x), y)
+        with frozen_buffers(net):
+            loss = F.cross_entropy(net(x), y)
         grads = torch.autograd.grad(loss, block, create_graph=True)
         if v is None:
             norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from bnnotes.experiments.data import Dataset, load_digits
 # The chapter's models live with the others in `models`; the chapter and its exercises name them from here.
 from bnnotes.experiments.models import PreActBlock, ResidualMLP, convnet, make_norm, residual_mlp
-from bnnotes.experiments.stats import norm_layers, population_statistics
+from bnnotes.experiments.stats import frozen_buffers, norm_layers, population_statistics
 from bnnotes.experiments.training import History, TrainConfig, train
 
 __all__ = [
@@ -101,8 +101,7 @@ def statistics_mask(module: nn.Module, shape: tuple[int, int, int, int], n: int 
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
     bumped = x.clone()
     bumped[n, c] = bumped[n, c] * 3.0 + 1.0
-    module = copy.deepcopy(module).train()
-    with torch.no_grad():
+    with torch.no_grad(), frozen_buffers(module):
         change = (module(bumped) - module(x)).abs().flatten(2).amax(dim=2)  # (N, C)
     changed = (change > 1e-9).numpy()
     changed[n, c] = True  # the perturbed cell itself (it changes however it is normalized)
