@@ -2,8 +2,9 @@
 
 - The normalization family on feature maps (N, C, H, W): which values share statistics (`statistics_mask`), and
   what follows from it (`family_properties`: dependence on the batch, batch size 1, training versus inference).
-- A small convolutional network on upsampled digits (`load_digit_images`, `convnet`), with the course's training loop.
-- Residual networks at initialization: the variance of the residual stream with depth (`residual_mlp`,
+- A small convolutional network on upsampled digits (`load_digit_images`, `models.convnet`), with the course's
+  training loop.
+- Residual networks at initialization: the variance of the residual stream with depth (`models.residual_mlp`,
   `stream_mean_square`; De & Smith, 2020), and zero-initialized gamma in the last BN of each branch
   (Goyal et al., 2017).
 - Why sequence models normalize per token: BN's statistics over padded batches (`padding_experiment`), and pre-LN
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnnotes.experiments.data import Dataset, load_digits
-# The chapter's models live with the others in `models`; the chapter and its exercises name them from here.
-from bnnotes.experiments.models import PreActBlock, ResidualMLP, convnet, make_norm, residual_mlp
+# The chapter's models live with the others in `models` (and are documented there); the chapter and its exercises
+# name them from here.
+from bnnotes.experiments.models import PreActBlock, ResidualMLP, convnet, make_norm, residual_mlp  # noqa: F401
 from bnnotes.experiments.stats import frozen_buffers, norm_layers, population_statistics
 from bnnotes.experiments.training import History, TrainConfig, train
 
@@ -41,12 +43,8 @@ __all__ = [
     "FamilyRow",
     "family_properties",
     "load_digit_images",
-    "convnet",
     "lr_sweep",
     "largest_good_lr",
-    "PreActBlock",
-    "ResidualMLP",
-    "residual_mlp",
     "stream_mean_square",
     "PaddingConfig",
     "PaddingResult",
