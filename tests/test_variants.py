@@ -142,6 +142,18 @@ def test_mean_only_centres_but_does_not_scale_and_variance_only_scales_but_does_
     assert (scaled.mean(0) - x.mean(0) / x.std(0, correction=0)).abs().max() < 1e-4  # the mean is only rescaled
 
 
+def test_a_pre_norm_bias_is_cancelled_by_centring_only():
+    x = _features(c=4)
+    grads = {}
+    for key, cls in {"mean": V.MeanOnlyBatchNorm1d, "var": V.VarianceOnlyBatchNorm1d}.items():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 3), cls(3), nn.Sigmoid(), nn.Linear(3, 2)).double()
+        net(x).pow(2).sum().backward()
+        grads[key] = net[0].bias.grad.abs().max().item()
+    assert grads["mean"] < 1e-12  # y = gamma (x + b - mean(x + b)) + beta does not depend on b
+    assert grads["var"] > 1e-3
+
+
 @pytest.mark.parametrize("cls", [V.MeanOnlyBatchNorm1d, V.VarianceOnlyBatchNorm1d, V.DetachedStatsBatchNorm1d])
 def test_variants_name_the_wrong_channel_count_and_rank(cls):
     layer = cls(4)

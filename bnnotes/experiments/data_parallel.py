@@ -1,14 +1,13 @@
 """Experiments of the data-parallel chapter: real multi-process runs over ``torch.distributed`` on one machine.
 
-The processes are started by `bnnotes.experiments.launch.launch`, and `recorded_collectives` (same module) records
-what SyncBN sends.
+The processes are started by `bnnotes.experiments.launch.launch`; `bnnotes.experiments.launch.recorded_collectives`
+records what SyncBN sends.
 
 - `SplitBatch` makes the course's one training loop (`bnnotes.experiments.train`) data-parallel: every rank computes
   its slice of each batch, and the outputs are gathered back so that every rank computes the loss of the whole batch.
-- `measure_communication` counts and times what `SyncBatchNorm` sends, and times its one round against two;
-  `compare_data_parallel_bn` trains with
-  per-rank BN, SyncBN, one process on the whole batch, and Ghost BN; `ghost_batch_sweep` varies Ghost BN's virtual
-  batch size on one device.
+- `measure_communication` counts and times what `SyncBatchNorm` sends, and times its one round against two.
+- `compare_data_parallel_bn` trains with per-rank BN, SyncBN, one process on the whole batch, and Ghost BN.
+- `ghost_batch_sweep` varies Ghost BN's virtual batch size on one device.
 
 Spawned processes import the function they run by its module, so workers live here, never in a notebook or
 ``__main__``.
