@@ -14,6 +14,8 @@ may import what):
 - ``bnnotes.ghost``: Ghost BN, BN over virtual sub-batches.
 - ``bnnotes.lp_norm``: ℓp batch normalization (Santurkar et al., 2018).
 - ``bnnotes.numpy_norms``: BN's successors in NumPy: LayerNorm, RMSNorm, GroupNorm, InstanceNorm.
+- ``bnnotes.numpy_variants``: NumPy references for BN's variants: ZCA whitening, Batch Renorm, Ghost BN, the merge of
+  per-rank statistics, folding (what the exercise checkers compare with).
 - ``bnnotes.variants``: teaching variants of BN (moving averages in training, detached or frozen statistics, noise).
 - ``bnnotes.convert``: every layer swap: torch's BN to bnnotes' and back, to synchronized BN, frozen BN.
 - ``bnnotes.experiments``: offline data, models, training loops and one module of measurements per chapter.

@@ -54,6 +54,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormBase",
+    "FrozenStatistics",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
@@ -356,14 +357,15 @@ class BatchNorm3d(BatchNormBase, nn.BatchNorm3d):
     input_layout = "(N, C, D, H, W)"
 
 
-class _EvalModeForGood:
-    """``train()`` leaves the layer in eval mode: it normalizes with its running statistics and never updates them."""
+class FrozenStatistics:
+    """A mixin for BN layers: ``train()`` leaves the layer in eval mode, so it normalizes with its running statistics
+    and never updates them, whatever ``model.train()`` says (the frozen BN of fine-tuning with small batches)."""
 
     def train(self, mode: bool = True):
         return super().train(False)
 
 
-class FrozenBatchNorm1d(_EvalModeForGood, BatchNorm1d):
+class FrozenBatchNorm1d(FrozenStatistics, BatchNorm1d):
     """`BatchNorm1d` pinned to eval mode, whatever ``model.train()`` says: the running statistics are used and never
     updated (weight and bias still train unless their requires_grad is off). `bnnotes.convert.freeze_batchnorm` makes
     these from a model's BN layers, and `bnnotes.convert.unfreeze_batchnorm` undoes it.
@@ -375,11 +377,11 @@ class FrozenBatchNorm1d(_EvalModeForGood, BatchNorm1d):
     """
 
 
-class FrozenBatchNorm2d(_EvalModeForGood, BatchNorm2d):
+class FrozenBatchNorm2d(FrozenStatistics, BatchNorm2d):
     """`FrozenBatchNorm1d` for (N, C, H, W)."""
 
 
-class FrozenBatchNorm3d(_EvalModeForGood, BatchNorm3d):
+class FrozenBatchNorm3d(FrozenStatistics, BatchNorm3d):
     """`FrozenBatchNorm1d` for (N, C, D, H, W)."""
 
 

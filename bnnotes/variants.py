@@ -5,7 +5,6 @@ parameters, buffers and running-average rule, and changes one thing:
 
 - `MovingAverageBatchNorm1d` (pitfalls): normalizes with the moving averages during training too.
 - `DetachedStatsBatchNorm1d` (derivation): BN's output, but the backward treats the batch statistics as constants.
-- `EvalModeBatchNorm1d` (pitfalls): frozen statistics; it stays in eval mode, and `freeze_bn_statistics` swaps it in.
 - `MeanOnlyBatchNorm1d` and `VarianceOnlyBatchNorm1d` (the ablation exercises): only one of BN's two steps, centring
   or division by the batch standard deviation.
 
@@ -24,22 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bnnotes._core import per_channel
 from bnnotes.torch_bn import BatchNorm1d, batch_norm
 
 __all__ = [
     "MovingAverageBatchNorm1d",
     "DetachedStatsBatchNorm1d",
-    "EvalModeBatchNorm1d",
-    "freeze_bn_statistics",
     "MeanOnlyBatchNorm1d",
     "VarianceOnlyBatchNorm1d",
     "ActivationNoise",
 ]
-
-
-def _per_channel(v: Tensor, ndim: int) -> Tensor:
-    """A (C,) vector viewed as (1, C) or (1, C, 1), to broadcast against an (N, C) or (N, C, L) input."""
-    return v.view((1, -1) + (1,) * (ndim - 2))
 
 
 def _batch_mean_var(input: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,9 +44,9 @@ def _batch_mean_var(input: Tensor) -> tuple[Tensor, Tensor]:
 def _affine(layer: BatchNorm1d, x_hat: Tensor) -> Tensor:
     """gamma * x_hat + beta, per channel, for whichever of gamma and beta the layer has."""
     if layer.weight is not None:
-        x_hat = x_hat * _per_channel(layer.weight, x_hat.dim())
+        x_hat = x_hat * per_channel(layer.weight, x_hat.dim())
     if layer.bias is not None:
-        x_hat = x_hat + _per_channel(layer.bias, x_hat.dim())
+        x_hat = x_hat + per_channel(layer.bias, x_hat.dim())
     return x_hat
 
 
@@ -134,50 +127,8 @@ class DetachedStatsBatchNorm1d(BatchNorm1d):
         with torch.no_grad():  # the statistics are computed, and then cut out of the graph
             batch_mean, batch_var = _batch_mean_var(input)
         ndim = input.dim()
-        x_hat = (input - _per_channel(batch_mean, ndim)) * _per_channel(torch.rsqrt(batch_var + self.eps), ndim)
+        x_hat = (input - per_channel(batch_mean, ndim)) * per_channel(torch.rsqrt(batch_var + self.eps), ndim)
         return _affine(self, x_hat)
-
-
-class EvalModeBatchNorm1d(BatchNorm1d):
-    """A `BatchNorm1d` that stays in eval mode: it normalizes with its running statistics and never updates them.
-
-    Used by the pitfalls chapter (fine-tuning with tiny batches). ``model.train()`` does not switch it to batch
-    statistics; weight and bias are still trained, through the fixed affine map. This is "BN layers in eval mode"
-    during fine-tuning, made robust to training loops that call ``model.train()`` before every step.
-
-    >>> layer = EvalModeBatchNorm1d(2).train()
-    >>> layer.training
-    False
-    """
-
-    def train(self, mode: bool = True) -> "EvalModeBatchNorm1d":
-        return super().train(False)
-
-
-def freeze_bn_statistics(model: nn.Module) -> nn.Module:
-    """Replace every `BatchNorm1d` of `model` by an `EvalModeBatchNorm1d` sharing its parameters and buffers.
-
-    Works in place on containers and returns the (possibly new) root module. Only exact `BatchNorm1d` layers are
-    replaced (not the other variants). Parameters and buffers are the same objects, so an optimizer built before the
-    swap still trains weight and bias.
-
-    >>> from bnnotes.experiments.models import mlp
-    >>> model = freeze_bn_statistics(mlp(4, hidden=(3,), norm="bn"))
-    >>> _ = model.train(); type(model[1]).__name__, model[1].training
-    ('EvalModeBatchNorm1d', False)
-    """
-    if type(model) is BatchNorm1d:
-        frozen = EvalModeBatchNorm1d(model.num_features, eps=model.eps, momentum=model.momentum,
-                                     affine=model.affine, track_running_stats=model.track_running_stats,
-                                     device="meta")
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            setattr(frozen, name, getattr(model, name))
-        return frozen
-    for name, child in model.named_children():
-        new_child = freeze_bn_statistics(child)
-        if new_child is not child:
-            setattr(model, name, new_child)
-    return model
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -201,7 +152,7 @@ class MeanOnlyBatchNorm1d(BatchNorm1d):
 
     def forward(self, input: Tensor) -> Tensor:
         mean, _ = _normalizing_statistics(self, input)
-        return _affine(self, input - _per_channel(mean, input.dim()))
+        return _affine(self, input - per_channel(mean, input.dim()))
 
 
 class VarianceOnlyBatchNorm1d(BatchNorm1d):
@@ -220,7 +171,7 @@ class VarianceOnlyBatchNorm1d(BatchNorm1d):
 
     def forward(self, input: Tensor) -> Tensor:
         _, var = _normalizing_statistics(self, input)
-        return _affine(self, input * _per_channel(torch.rsqrt(var + self.eps), input.dim()))
+        return _affine(self, input * per_channel(torch.rsqrt(var + self.eps), input.dim()))
 
 
 # --------------------------------------------------------------------------------------------------------------------

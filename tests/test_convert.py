@@ -123,3 +123,27 @@ def test_freeze_with_affine_false_freezes_statistics_only_and_unfreeze_restores_
 def test_freeze_refuses_a_layer_without_running_statistics():
     with pytest.raises(ValueError, match=r"without running statistics.*\['1'\]"):
         convert.freeze_batchnorm(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, track_running_stats=False)))
+
+
+def test_freezing_statistics_only_for_fine_tuning_keeps_eval_mode_and_trains_gamma():
+    """The pitfalls chapter's fine-tuning: statistics frozen under model.train(), gamma and beta still trained, the
+    same parameter objects (an optimizer built before the swap keeps working)."""
+    from bnnotes.experiments import TrainConfig, load_digits, mlp, train
+    from bnnotes.variants import MeanOnlyBatchNorm1d
+
+    data = load_digits()
+    model = mlp(64, hidden=(10,), activation="relu", norm="bn", seed=0)
+    weight = model[1].weight
+    frozen = convert.freeze_batchnorm(model, affine=False)
+    layer = frozen[1]
+    assert isinstance(layer, torch_bn.FrozenBatchNorm1d) and layer.weight is weight and weight.requires_grad
+    frozen.train()
+    assert not layer.training and frozen[0].training
+    running = (layer.running_mean.clone(), layer.running_var.clone())
+    before = layer.weight.detach().clone()
+    train(frozen, data, TrainConfig(steps=3, batch_size=2, lr=0.1, eval_every=3))
+    torch.testing.assert_close(layer.running_mean, running[0])
+    torch.testing.assert_close(layer.running_var, running[1])
+    assert not torch.equal(layer.weight.detach(), before)  # gamma is still trained
+    assert type(convert.freeze_batchnorm(torch_bn.BatchNorm1d(3), affine=False)) is torch_bn.FrozenBatchNorm1d
+    assert type(convert.freeze_batchnorm(MeanOnlyBatchNorm1d(3))) is MeanOnlyBatchNorm1d  # variants are left alone

@@ -43,10 +43,8 @@ ALL_CHECKERS = [
     exercises.check_conv_forward,
     exercises.check_running_stats,
     exercises.check_fold,
-    exercises.check_momentum_conversion,
     exercises.check_renorm_forward,
     exercises.check_ghost_batch_norm,
-    exercises.check_gradient_projection,
     exercises.check_layer_norm,
     # New in issue 15 (their own tests: tests/test_exercises_derive.py and tests/test_exercises_implement.py).
     exercises.check_conv_backward,
@@ -503,21 +501,6 @@ def test_fold_rejects_garbage():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# check_momentum_conversion
-
-
-def test_momentum_conversion(capsys):
-    passes(exercises.check_momentum_conversion, lambda m: 1.0 - m, capsys)
-    passes(exercises.check_momentum_conversion, lambda m: np.float64(1.0) - m, capsys)
-    fails_with(exercises.check_momentum_conversion, lambda m: m, "Keras's momentum weights the OLD")
-    fails_with(exercises.check_momentum_conversion, lambda m: m - 1.0, "between 0 and 1")
-    fails_with(exercises.check_momentum_conversion, lambda m: 1.0 / m - 1.0, "expected torch momentum 0.01")
-    fails_with(exercises.check_momentum_conversion, lambda m: [1.0 - m], "expected a real number")
-    fails_with(exercises.check_momentum_conversion, lambda m: True, "expected a real number")
-    fails_with(exercises.check_momentum_conversion, lambda m: "0.01", "expected a real number")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # check_renorm_forward
 
 
@@ -814,47 +797,6 @@ def test_whitening_reference_output_is_white():
     white = numpy_variants.zca_whitening(x, eps=1e-12)
     np.testing.assert_allclose(white.T @ white / len(x), np.eye(4), atol=1e-8)
     np.testing.assert_allclose(white.mean(0), 0.0, atol=1e-10)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# check_gradient_projection
-
-
-def right_projection(g, x_hat):
-    return g - g.mean(axis=0) - x_hat * (g * x_hat).mean(axis=0)
-
-
-PROJECTION_MISTAKES = [
-    (lambda g, xh: g - g.mean(0), "also remove the component along x_hat"),
-    (lambda g, xh: g - xh * (g * xh).mean(0), "also remove the mean"),
-    (lambda g, xh: g - g.sum(0) - xh * (g * xh).sum(0), "sums where the means belong"),
-    (lambda g, xh: g - g.mean(1, keepdims=True) - xh * (g * xh).mean(1, keepdims=True), "each ROW"),
-    (lambda g, xh: g - g.mean(0) + xh * (g * xh).mean(0), "is subtracted"),
-    (lambda g, xh: g - g.mean(1) - xh * (g * xh).mean(1), "axis=0"),
-]
-
-
-def test_projection_accepts_right_answers(capsys):
-    passes(exercises.check_gradient_projection, right_projection, capsys)
-
-    def as_matrix(g, x_hat):  # the same projection as an explicit matrix per column
-        n = len(g)
-        out = np.empty_like(g)
-        for j in range(g.shape[1]):
-            basis = np.stack([np.ones(n) / np.sqrt(n), x_hat[:, j] / np.sqrt(n)], axis=1)
-            out[:, j] = g[:, j] - basis @ (basis.T @ g[:, j])
-        return out
-
-    passes(exercises.check_gradient_projection, as_matrix, capsys)
-
-
-@pytest.mark.parametrize("wrong, hint", PROJECTION_MISTAKES)
-def test_projection_names_each_mistake(wrong, hint):
-    fails_with(exercises.check_gradient_projection, wrong, hint)
-
-
-def test_projection_rejects_garbage():
-    fails_with(exercises.check_gradient_projection, lambda g, xh: garbage(g))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

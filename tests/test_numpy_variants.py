@@ -101,10 +101,3 @@ def test_renorm_correction_refuses_bad_limits():
 def test_zca_whitening_refuses_a_non_matrix():
     with pytest.raises(ValueError, match=r"\(N, D\) array, got shape \(3,\)"):
         numpy_variants.zca_whitening(np.zeros(3), 1e-5)
-
-
-def test_exercises_keeps_the_former_names_of_the_references():
-    """Chapters that called exercises.zca_whitening_reference etc. keep working (plain re-imports)."""
-    assert exercises.zca_whitening_reference is numpy_variants.zca_whitening
-    assert exercises.renorm_forward_reference is numpy_variants.renorm_forward
-    assert exercises.ghost_batch_norm_reference is numpy_variants.ghost_batch_norm

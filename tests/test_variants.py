@@ -10,7 +10,7 @@ from torch import nn
 from bnnotes import variants as V
 from bnnotes.experiments import TrainConfig, load_digits, mlp, train
 from bnnotes.experiments.models import NORMS, make_norm, norm_factory
-from bnnotes.torch_bn import BatchNorm1d
+from bnnotes.torch_bn import BatchNorm1d, FrozenBatchNorm1d
 
 C = 5
 GAMMA = np.linspace(0.5, 2.0, C)
@@ -235,28 +235,6 @@ def test_detached_statistics_forward_is_pytorch_bn_and_gradient_is_the_fixed_aff
     torch.testing.assert_close(layer(x.detach()), reference(x.detach()), rtol=1e-12, atol=1e-12)
 
 
-# ---------------------------------------------------------------------------------------------------- frozen statistics
-
-
-def test_freeze_bn_statistics_keeps_bn_in_eval_mode_and_shares_parameters():
-    data = load_digits()
-    model = mlp(64, hidden=(10,), activation="relu", norm="bn", seed=0)
-    weight = model[1].weight
-    frozen = V.freeze_bn_statistics(model)
-    layer = frozen[1]
-    assert isinstance(layer, V.EvalModeBatchNorm1d) and layer.weight is weight
-    frozen.train()
-    assert not layer.training and frozen[0].training
-    running = (layer.running_mean.clone(), layer.running_var.clone())
-    before = layer.weight.detach().clone()
-    train(frozen, data, TrainConfig(steps=3, batch_size=2, lr=0.1, eval_every=3))
-    torch.testing.assert_close(layer.running_mean, running[0])
-    torch.testing.assert_close(layer.running_var, running[1])
-    assert not torch.equal(layer.weight.detach(), before)  # gamma is still trained
-    assert type(V.freeze_bn_statistics(BatchNorm1d(3))) is V.EvalModeBatchNorm1d  # a bare layer is replaced too
-    assert type(V.freeze_bn_statistics(V.MeanOnlyBatchNorm1d(3))) is V.MeanOnlyBatchNorm1d  # variants are not
-
-
 # ---------------------------------------------------------------------------------------------------- noise
 
 
@@ -288,7 +266,7 @@ def test_every_registered_norm_builds_a_shape_preserving_layer_in_both_modes():
         assert layer(x).shape == x.shape, name
         assert layer.eval()(x).shape == x.shape, name
     for name, cls in [("bn-moving", V.MovingAverageBatchNorm1d), ("bn-detached", V.DetachedStatsBatchNorm1d),
-                      ("bn-frozen", V.EvalModeBatchNorm1d), ("bn-mean-only", V.MeanOnlyBatchNorm1d),
+                      ("bn-frozen", FrozenBatchNorm1d), ("bn-mean-only", V.MeanOnlyBatchNorm1d),
                       ("bn-var-only", V.VarianceOnlyBatchNorm1d)]:
         assert type(make_norm(name, 6)) is cls
         assert type(mlp(6, hidden=(4, 4), norm=name)[1]) is cls

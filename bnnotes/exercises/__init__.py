@@ -42,19 +42,13 @@ from bnnotes.exercises.inference import (
     check_bessel_factor,
     check_caffe_scale_factor,
     check_fold,
-    check_momentum_conversion,
     check_running_stats,
 )
-from bnnotes.exercises.landscape import check_gradient_projection, check_scale_invariance
+from bnnotes.exercises.landscape import check_scale_invariance
 from bnnotes.exercises.motivation import check_whitening
 from bnnotes.exercises.pitfalls import check_renorm_correction, check_renorm_forward
 from bnnotes.exercises.prediction import check_prediction
 from bnnotes.exercises.real_networks import check_layer_norm, check_residual_variance
-
-# The NumPy references under their former names here, for chapters that used them (one home: bnnotes.numpy_variants).
-from bnnotes.numpy_variants import ghost_batch_norm as ghost_batch_norm_reference
-from bnnotes.numpy_variants import renorm_forward as renorm_forward_reference
-from bnnotes.numpy_variants import zca_whitening as zca_whitening_reference
 
 __all__ = [
     # motivation
@@ -70,7 +64,6 @@ __all__ = [
     "check_bessel_factor",
     "check_caffe_scale_factor",
     "check_fold",
-    "check_momentum_conversion",
     # pitfalls
     "check_renorm_correction",
     "check_renorm_forward",
@@ -78,14 +71,10 @@ __all__ = [
     "check_ghost_batch_norm",
     "check_merge_statistics",
     # landscape
-    "check_gradient_projection",
     "check_scale_invariance",
     # real_networks
     "check_layer_norm",
     "check_residual_variance",
     # every chapter
     "check_prediction",
-    "renorm_forward_reference",
-    "ghost_batch_norm_reference",
-    "zca_whitening_reference",
 ]

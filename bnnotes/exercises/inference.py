@@ -79,48 +79,6 @@ def check_running_stats(fn: Callable[..., tuple[np.ndarray, np.ndarray]]) -> Non
 
 
 @reports_not_attempted
-def check_momentum_conversion(fn: Callable[[float], float]) -> None:
-    """Check ``fn(keras_momentum) -> torch_momentum``.
-
-    Keras's momentum is the weight of the OLD running value, PyTorch's the weight of the NEW batch: they sum to 1.
-
-    >>> check_momentum_conversion(lambda keras_momentum: 1.0 - keras_momentum)
-    check_momentum_conversion: all 4 cases match the reference. Well done.
-    """
-    checker = "check_momentum_conversion"
-    if not callable(fn):
-        raise TypeError(f"{checker} expects your function fn(keras_momentum) -> torch_momentum, got "
-                        f"{type(fn).__name__} {fn!r:.60}")
-    values = [0.99, 0.9, 0.999, 0.75]
-    for index, keras_momentum in enumerate(values):
-        header = f"{checker} failed on case {index + 1} of {len(values)} (keras_momentum={keras_momentum})"
-        try:
-            out = fn(keras_momentum)
-        except NotImplementedError as error:  # the Colab edition's stub: not attempted yet, not wrong
-            raise NotAttempted(str(error)) from error
-        except Exception as error:
-            raise AssertionError(f"{header}:\n  your function raised {type(error).__name__}: {error}") from error
-        if not is_real_number(out):
-            note = " (did you forget a `return`?)" if out is None else ""
-            raise AssertionError(f"{header}:\n  expected a real number, got {type(out).__name__} {out!r:.60}{note}")
-        expected, got = 1.0 - keras_momentum, float(out)
-        if not np.isclose(got, expected, rtol=1e-9, atol=1e-12):
-            lines = [f"{header}:", f"  expected torch momentum {expected:.6g}, got {got:.6g}"]
-            if np.isclose(got, keras_momentum):
-                lines.append("  Hint: the conventions differ: Keras's momentum weights the OLD running value "
-                             "(new = m * old + (1 - m) * batch), PyTorch's the NEW batch "
-                             "(new = (1 - m) * old + m * batch)")
-            elif got < 0 or got > 1:
-                lines.append("  Hint: a momentum is a weight between 0 and 1")
-            raise AssertionError("\n".join(lines))
-    print(f"{checker}: all {len(values)} cases match the reference. Well done.")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Derive: Bessel's correction and Caffe's scale factor
-# ----------------------------------------------------------------------------------------------------------------------
-
-
 def _bessel_case(m: int) -> Case:
     mistakes = [
         ("this matches (m - 1) / m, the factor by which the biased variance falls short, E[biased var] = "

@@ -15,43 +15,6 @@ from bnnotes.exercises._harness import Case, Output, reports_not_attempted, run_
 __all__ = ["check_gradient_projection", "check_scale_invariance"]
 
 
-def _projection_case(shape: tuple[int, int], seed: int) -> Case:
-    rng = np.random.default_rng(seed)
-    x_hat = numpy_bn.forward(rng_features(rng, *shape), np.ones(shape[1]), np.zeros(shape[1]), eps=0.0)[0]
-    g = rng.standard_normal(shape) * rng.uniform(0.5, 2.0, size=shape[1]) + rng.uniform(-2.0, 2.0, size=shape[1])
-    expected = g - g.mean(axis=0) - x_hat * (g * x_hat).mean(axis=0)
-    mistakes = [
-        ("this matches g - mean(g) alone: also remove the component along x_hat, - x_hat * mean(g * x_hat)",
-         lambda: g - g.mean(axis=0)),
-        ("this matches g - x_hat * mean(g * x_hat) alone: also remove the mean, - mean(g)",
-         lambda: g - x_hat * (g * x_hat).mean(axis=0)),
-        ("this matches sums where the means belong: g - mean(g) - x_hat * mean(g * x_hat)",
-         lambda: g - g.sum(axis=0) - x_hat * (g * x_hat).sum(axis=0)),
-        ("this matches means over each ROW (axis=1): the projection is per column, means over axis=0",
-         lambda: g - g.mean(axis=1, keepdims=True) - x_hat * (g * x_hat).mean(axis=1, keepdims=True)),
-        ("this matches + x_hat * mean(g * x_hat): the component along x_hat is subtracted",
-         lambda: g - g.mean(axis=0) + x_hat * (g * x_hat).mean(axis=0)),
-    ]
-    return Case(f"g.shape={shape}, seed={seed}", (g, x_hat), (Output("projected g", expected, mistakes),),
-                exception_hint="the means are per column: take them over axis=0")
-
-
-@reports_not_attempted
-def check_gradient_projection(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
-    """Check ``fn(g, x_hat) -> g - mean(g) - x_hat * mean(g * x_hat)``, per column.
-
-    The projection of Santurkar et al. (2018), Theorem 4.1: the gradient through BN is g with its component along the
-    constant direction 1 and along x_hat removed. g, x_hat: (N, D); x_hat has zero mean and unit biased variance per
-    column. Returns (N, D).
-
-    >>> check_gradient_projection(lambda g, x_hat: g - g.mean(0) - x_hat * (g * x_hat).mean(0))
-    check_gradient_projection: all 3 cases match the reference. Well done.
-    """
-    specs = [((6, 4), 0), ((5, 9), 1), ((16, 3), 2)]
-    run_cases(fn, "check_gradient_projection", "fn(g, x_hat) -> projected g",
-              [_projection_case(*spec) for spec in specs])
-
-
 def _scale_invariance_case(shape: tuple[int, int], seed: int, c: float, dtype: type) -> Case:
     rng = np.random.default_rng(seed)
     grad_w = (rng.standard_normal(shape) * rng.uniform(0.5, 2.0, size=shape[1])).astype(dtype)

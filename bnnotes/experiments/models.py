@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnnotes import variants
+from bnnotes import torch_bn, variants
 from bnnotes.lp_norm import LpBatchNorm1d
 from bnnotes.renorm import BatchRenorm1d
 from bnnotes.torch_bn import BatchNorm1d, BatchNorm2d
@@ -56,7 +56,7 @@ NORMS: dict[str, NormFactory] = {
     "linf": lambda width: LpBatchNorm1d(width, p=math.inf),
     "bn-moving": variants.MovingAverageBatchNorm1d,
     "bn-detached": variants.DetachedStatsBatchNorm1d,
-    "bn-frozen": variants.EvalModeBatchNorm1d,
+    "bn-frozen": torch_bn.FrozenBatchNorm1d,
     "bn-mean-only": variants.MeanOnlyBatchNorm1d,
     "bn-var-only": variants.VarianceOnlyBatchNorm1d,
 }

@@ -6,7 +6,7 @@
   LayerNorm, GroupNorm and no normalization, and why BN fails at two examples per batch.
 - `order_experiment`: class-sorted (non-i.i.d.) mini-batches.
 - `discriminator_experiment`: a GAN-style discriminator trained on pure or mixed real/fake batches.
-- `finetune_experiment`: fine-tuning with tiny batches, BN statistics updated or frozen (`freeze_bn_statistics`).
+- `finetune_experiment`: fine-tuning with tiny batches, BN statistics updated or frozen (`bnnotes.convert.freeze_batchnorm`).
 
 Everything builds on the shared `mlp`, `train`, `TrainConfig`, `load_digits` and `evaluate`; models use bnnotes' own
 BN and Batch Renorm layers.
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bnnotes import convert
 from bnnotes.experiments.data import Dataset, load_digits
 from bnnotes.experiments.stats import population_statistics, using_statistics
 from bnnotes.experiments.models import hidden_linears, mlp
 from bnnotes.experiments.training import TrainConfig, evaluate, train
 from bnnotes.renorm import BatchRenorm1d, renorm_schedule
 from bnnotes.torch_bn import batch_norm
-from bnnotes.variants import freeze_bn_statistics
 
 __all__ = [
     "GlobalStatsConfig",
@@ -598,7 +598,7 @@ def finetune_experiment(config: FinetuneConfig = FinetuneConfig(), data: Dataset
             for mode in ("updated", "frozen"):
                 tuned = copy.deepcopy(model)
                 if mode == "frozen":
-                    tuned = freeze_bn_statistics(tuned)
+                    tuned = convert.freeze_batchnorm(tuned, affine=False)  # statistics frozen; gamma, beta train
                 tc = TrainConfig(steps=config.steps, batch_size=batch_size, lr=config.lr_per_example * batch_size,
                                  eval_every=config.steps, seed=seed)
                 acc_target[mode][i, j] = train(tuned, target, tc).final_test_acc
