@@ -11,7 +11,6 @@ from torch import nn
 
 from bnnotes.experiments import load_digits, mlp
 from bnnotes.experiments.landscape import (
-    ActivationNoise,
     ICSConfig,
     LandscapeConfig,
     NoisyBNConfig,
@@ -30,6 +29,7 @@ from bnnotes.experiments.landscape import (
 )
 from bnnotes.lp_norm import LpBatchNorm1d
 from bnnotes.torch_bn import BatchNorm1d
+from bnnotes.variants import ActivationNoise
 
 
 def _exact_bn(width: int) -> BatchNorm1d:
@@ -40,24 +40,6 @@ def _exact_bn(width: int) -> BatchNorm1d:
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()
-
-
-def test_noise_is_resampled_every_step_and_off_in_eval():
-    noise = ActivationNoise(200, mean_range=0.5, std_range=(1.0, 1.5), seed=3)
-    x = torch.zeros(4000, 200)
-    first, second = noise(x), noise(x)
-    # Each call draws a new mean per unit (within the range) and a new std per unit (within the range).
-    for out in (first, second):
-        assert out.mean(0).abs().max() < 0.5 + 0.1
-        assert 0.9 < out.std(0).min() and out.std(0).max() < 1.6
-    assert (first.mean(0) - second.mean(0)).abs().mean() > 0.15
-    noise.eval()
-    assert torch.equal(noise(x), x)
-    # Deterministic given the seed.
-    a, b = ActivationNoise(5, seed=1), ActivationNoise(5, seed=1)
-    assert torch.equal(a(torch.zeros(3, 5)), b(torch.zeros(3, 5)))
-    with pytest.raises(ValueError, match="std_range"):
-        ActivationNoise(5, std_range=(2.0, 1.0))
 
 
 def test_with_noise_builds_norm_then_noise_with_distinct_seeds():

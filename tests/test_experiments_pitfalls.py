@@ -12,7 +12,6 @@ from torch import nn
 from bnnotes.experiments import Dataset, TrainConfig, load_digits, mlp, train
 from bnnotes.experiments import pitfalls as P
 from bnnotes.renorm import BatchRenorm1d, renorm_schedule
-from bnnotes.torch_bn import BatchNorm1d
 
 
 @pytest.fixture(scope="module")
@@ -24,63 +23,6 @@ def _features(n: int = 16, c: int = 5, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     scales = torch.linspace(0.5, 4.0, c, dtype=torch.float64)
     return torch.randn(n, c, generator=g, dtype=torch.float64) * scales + torch.arange(c, dtype=torch.float64)
-
-
-# ---------------------------------------------------------------------------------------------------------- moving avg
-
-
-def test_moving_average_bn_normalizes_with_the_updated_running_statistics():
-    x = _features()
-    layer = P.MovingAverageBatchNorm1d(5, momentum=0.3).double()
-    reference = BatchNorm1d(5, momentum=0.3).double()
-    with torch.no_grad():
-        for bn in (layer, reference):
-            bn.weight.copy_(torch.linspace(0.5, 2.0, 5))
-            bn.bias.copy_(torch.linspace(-1.0, 1.0, 5))
-    y = layer(x)
-    reference(x)  # the same update of the running statistics
-    torch.testing.assert_close(layer.running_mean, reference.running_mean)
-    torch.testing.assert_close(layer.running_var, reference.running_var)
-    assert int(layer.num_batches_tracked) == 1
-    expected = layer.weight * (x - layer.running_mean) / torch.sqrt(layer.running_var + layer.eps) + layer.bias
-    torch.testing.assert_close(y, expected)
-    # Not the batch normalization: the output's batch mean is not beta.
-    assert not torch.allclose(y.mean(0), layer.bias)
-
-
-def test_moving_average_bn_backpropagates_a_fixed_affine_map():
-    x = _features().requires_grad_(True)
-    layer = P.MovingAverageBatchNorm1d(5).double()
-    with torch.no_grad():
-        layer.weight.copy_(torch.linspace(0.5, 2.0, 5))
-    dy = _features(seed=1)
-    (layer(x) * dy).sum().backward()
-    scale = layer.weight.detach() / torch.sqrt(layer.running_var + layer.eps)
-    torch.testing.assert_close(x.grad, dy * scale)
-
-
-def test_moving_average_bn_is_batchnorm_in_eval_mode():
-    x = _features()
-    layer = P.MovingAverageBatchNorm1d(5).double()
-    reference = BatchNorm1d(5).double()
-    for _ in range(3):
-        layer(x)
-        reference(x)
-    layer.eval()
-    reference.eval()
-    torch.testing.assert_close(layer(x), reference(x))
-
-
-def test_pre_bn_bias_gets_no_gradient_with_bn_but_does_with_moving_averages():
-    x = _features(c=4).float()
-    grads = {}
-    for key, norm in {"bn": BatchNorm1d, "moving": P.MovingAverageBatchNorm1d}.items():
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(4, 3), norm(3), nn.Sigmoid(), nn.Linear(3, 2))
-        net(x).pow(2).sum().backward()
-        grads[key] = net[0].bias.grad.abs().max().item()
-    assert grads["bn"] < 1e-6
-    assert grads["moving"] > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------- renorm
@@ -215,22 +157,6 @@ def test_train_uses_the_batches_hook():
 
 
 # ---------------------------------------------------------------------------------------------------------- fine-tuning
-
-
-def test_freeze_bn_statistics_keeps_bn_in_eval_mode_and_shares_parameters(data):
-    model = mlp(64, hidden=(10,), activation="relu", norm="bn", seed=0)
-    weight = model[1].weight
-    frozen = P.freeze_bn_statistics(model)
-    layer = frozen[1]
-    assert isinstance(layer, P.EvalModeBatchNorm1d) and layer.weight is weight
-    frozen.train()
-    assert not layer.training and frozen[0].training
-    running = (layer.running_mean.clone(), layer.running_var.clone())
-    before = layer.weight.detach().clone()
-    train(frozen, data, TrainConfig(steps=3, batch_size=2, lr=0.1, eval_every=3))
-    torch.testing.assert_close(layer.running_mean, running[0])
-    torch.testing.assert_close(layer.running_var, running[1])
-    assert not torch.equal(layer.weight.detach(), before)  # gamma is still trained
 
 
 def test_shift_images_moves_columns_right_with_wraparound():

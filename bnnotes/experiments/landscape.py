@@ -25,13 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnnotes.experiments.data import Dataset
-from bnnotes.experiments.models import NORMS, NormFactory, hidden_linears, make_norm, mlp
+from bnnotes.experiments.models import NormFactory, hidden_linears, mlp, norm_factory
 from bnnotes.experiments.training import History, TrainConfig, train
+from bnnotes.variants import ActivationNoise
 
 __all__ = [
-    "ActivationNoise",
     "with_noise",
-    "norm_factory",
     "linear_teacher_data",
     "distribution_instability",
     "NoisyBNConfig",
@@ -57,66 +56,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class ActivationNoise(nn.Module):
-    """Additive noise whose distribution is redrawn at every training step (train mode only; eval mode is the identity).
-
-    At every call in train mode, for each of the `width` units j, the step's noise distribution is drawn:
-    mean mu_j ~ U(-mean_range, mean_range) and standard deviation s_j ~ U(std_range[0], std_range[1]). Then every
-    activation of every example gets its own i.i.d. draw: out_ij = x_ij + eps_ij with eps_ij ~ N(mu_j, s_j^2).
-    The generator is the module's own, seeded by `seed`, so runs are reproducible and the global RNG is untouched.
-
-    >>> noise = ActivationNoise(3, seed=0).eval()
-    >>> bool((noise(torch.ones(2, 3)) == 1).all())
-    True
-    """
-
-    def __init__(
-        self, width: int, mean_range: float = 0.5, std_range: tuple[float, float] = (1.0, 1.5), seed: int = 0
-    ) -> None:
-        super().__init__()
-        if not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive integer, got {width!r}")
-        if mean_range < 0:
-            raise ValueError(f"mean_range must be non-negative, got {mean_range!r}")
-        low, high = std_range
-        if not 0 <= low <= high:
-            raise ValueError(f"std_range must be (low, high) with 0 <= low <= high, got {std_range!r}")
-        self.width = width
-        self.mean_range = float(mean_range)
-        self.std_range = (float(low), float(high))
-        self.enabled = True
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or not self.enabled:
-            return x
-        g = self.generator
-        mean = (2.0 * torch.rand(self.width, generator=g) - 1.0) * self.mean_range
-        low, high = self.std_range
-        std = low + (high - low) * torch.rand(self.width, generator=g)
-        eps = torch.randn(x.shape, generator=g) * std + mean
-        return x + eps.to(device=x.device, dtype=x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.width}, mean_range={self.mean_range}, std_range={self.std_range}"
-
-
-def norm_factory(norm: str | NormFactory) -> NormFactory:
-    """A factory ``width -> nn.Module``: one of `make_norm`'s names, ``"l1"``, ``"l2"``, ``"linf"`` (ℓp batch norm,
-    `bnnotes.lp_norm.LpBatchNorm1d`), or a factory itself."""
-    if callable(norm):
-        return norm
-    lp = {"l1": 1, "l2": 2, "linf": math.inf}
-    if norm in lp:
-        from bnnotes.lp_norm import LpBatchNorm1d
-
-        p = lp[norm]
-        return lambda width: LpBatchNorm1d(width, p=p)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {sorted(NORMS) + sorted(lp)} or a callable width -> nn.Module, got {norm!r}")
-    return lambda width: make_norm(norm, width)
-
-
 def with_noise(
     norm: str | NormFactory, mean_range: float = 0.5, std_range: tuple[float, float] = (1.0, 1.5), seed: int = 0
 ) -> NormFactory:
@@ -124,7 +63,7 @@ def with_noise(
 
     ``with_noise("bn")`` is the paper's "noisy BatchNorm"; ``with_noise("none")`` puts the same noise into the plain net.
     """
-    inner = norm_factory(norm)
+    inner = norm_factory(norm)  # an unknown name fails here, when the factory is built
     counter = [0]
 
     def factory(width: int) -> nn.Module:
@@ -478,7 +417,7 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
         for seed in config.seeds:
             model = mlp(
                 data.n_features, hidden=config.hidden, out_features=data.n_classes, activation=activation,
-                norm=norm_factory(norm), linear_bias=norm == "none", init_std=init_std, seed=seed,
+                norm=norm, linear_bias=norm == "none", init_std=init_std, seed=seed,
             )
             steps, l2s, coss, gnorms, lower = [], [], [], [], []
 
@@ -676,7 +615,7 @@ def landscape_experiment(config: LandscapeConfig, data: Dataset) -> list[Landsca
         for seed in config.seeds:
             model = mlp(
                 data.n_features, hidden=config.hidden, out_features=data.n_classes, activation=config.activation,
-                norm=norm_factory(norm), linear_bias=norm == "none", init_std=config.init_std, seed=seed,
+                norm=norm, linear_bias=norm == "none", init_std=config.init_std, seed=seed,
             )
             steps: list[int] = []
             raw: dict[tuple[str, str], list[dict[str, float]]] = {}

@@ -8,7 +8,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["make_norm", "mlp", "hidden_linears", "NORMS", "SPATIAL_NORMS", "ACTIVATIONS"]
+from bnnotes import variants
+from bnnotes.lp_norm import LpBatchNorm1d
+from bnnotes.renorm import BatchRenorm1d
+from bnnotes.torch_bn import BatchNorm1d, BatchNorm2d
+
+__all__ = ["norm_factory", "make_norm", "mlp", "hidden_linears", "NORMS", "SPATIAL_NORMS", "ACTIVATIONS"]
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -20,28 +25,10 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _batchnorm(width: int) -> nn.Module:
-    from bnnotes.torch_bn import BatchNorm1d
-
-    return BatchNorm1d(width)
-
-
-def _batchrenorm(width: int) -> nn.Module:
-    from bnnotes.torch_bn import BatchRenorm1d
-
-    return BatchRenorm1d(width)
-
-
 def _groupnorm(width: int) -> nn.Module:
     # 10 features per group for 100-wide layers, as far as the width allows.
     groups = math.gcd(width, 10) or 1
     return nn.GroupNorm(groups, width)
-
-
-def _batchnorm2d(channels: int) -> nn.Module:
-    from bnnotes.torch_bn import BatchNorm2d
-
-    return BatchNorm2d(channels)
 
 
 def _groupnorm_channels(channels: int) -> nn.Module:
@@ -49,25 +36,53 @@ def _groupnorm_channels(channels: int) -> nn.Module:
     return nn.GroupNorm(max(1, channels // 4) if channels % 4 == 0 else 1, channels)
 
 
-# Features (N, width): the normalizers of the fully connected networks.
+# Features (N, width): every normalizer of the fully connected networks, the teaching variants of `bnnotes.variants`
+# and the ℓp schemes of Santurkar et al. (2018) included. A new normalizer is its class and one line here.
 NORMS: dict[str, NormFactory] = {
     "none": lambda width: nn.Identity(),
-    "bn": _batchnorm,
-    "brn": _batchrenorm,
+    "bn": BatchNorm1d,
+    "brn": BatchRenorm1d,
     "ln": lambda width: nn.LayerNorm(width),
     "gn": _groupnorm,
     "rms": lambda width: nn.RMSNorm(width),
+    "l1": lambda width: LpBatchNorm1d(width, p=1),
+    "l2": lambda width: LpBatchNorm1d(width, p=2),
+    "linf": lambda width: LpBatchNorm1d(width, p=math.inf),
+    "bn-moving": variants.MovingAverageBatchNorm1d,
+    "bn-detached": variants.DetachedStatsBatchNorm1d,
+    "bn-frozen": variants.EvalModeBatchNorm1d,
+    "bn-mean-only": variants.MeanOnlyBatchNorm1d,
+    "bn-var-only": variants.VarianceOnlyBatchNorm1d,
 }
 
 # Feature maps (N, C, H, W): the same names for convolutional networks. LayerNorm normalizes each example over
 # (C, H, W), which is GroupNorm with one group; InstanceNorm over (H, W) per channel; RMSNorm has no standard 2-D form.
 SPATIAL_NORMS: dict[str, NormFactory] = {
     "none": lambda channels: nn.Identity(),
-    "bn": _batchnorm2d,
+    "bn": BatchNorm2d,
     "ln": lambda channels: nn.GroupNorm(1, channels),
     "gn": _groupnorm_channels,
     "in": lambda channels: nn.InstanceNorm2d(channels, affine=True),
 }
+
+
+def norm_factory(norm: str | NormFactory, spatial: bool = False) -> NormFactory:
+    """The factory ``width -> nn.Module`` that `norm` names: an entry of `NORMS` (of `SPATIAL_NORMS` if spatial), or
+    `norm` itself if it is callable. Raises ValueError, listing the names, for an unknown name.
+
+    >>> type(norm_factory("bn-mean-only")(4)).__name__
+    'MeanOnlyBatchNorm1d'
+    """
+    if callable(norm):
+        return norm
+    registry = SPATIAL_NORMS if spatial else NORMS
+    if norm not in registry:
+        kind = "feature-map (spatial=True)" if spatial else "feature"
+        raise ValueError(
+            f"norm must be one of the {kind} normalizers {sorted(registry)} or a callable width -> nn.Module, "
+            f"got {norm!r}"
+        )
+    return registry[norm]
 
 
 def make_norm(norm: str | NormFactory, width: int, spatial: bool = False) -> nn.Module:
@@ -79,16 +94,7 @@ def make_norm(norm: str | NormFactory, width: int, spatial: bool = False) -> nn.
     >>> type(make_norm("bn", 8, spatial=True)).__name__, type(make_norm("gn", 8, spatial=True)).__name__
     ('BatchNorm2d', 'GroupNorm')
     """
-    if callable(norm):
-        return norm(width)
-    registry = SPATIAL_NORMS if spatial else NORMS
-    if norm not in registry:
-        kind = "feature-map (spatial=True)" if spatial else "feature"
-        raise ValueError(
-            f"norm must be one of the {kind} normalizers {sorted(registry)} or a callable width -> nn.Module, "
-            f"got {norm!r}"
-        )
-    return registry[norm](width)
+    return norm_factory(norm, spatial)(width)
 
 
 def mlp(
@@ -108,7 +114,7 @@ def mlp(
     normalizer subtracts the mean and its own shift (beta) takes over the bias's role.
     init_std: weights drawn from N(0, init_std^2) (biases 0); None keeps PyTorch's default initialization.
     seed: the initialization is a pure function of the seed (the global RNG is not touched).
-    Returns an ``nn.Sequential``; ``model[3 * i]`` is the i-th hidden Linear, ``model[3 * i + 1]`` its norm.
+    Returns an ``nn.Sequential`` of Linear, norm and activation triples (`hidden_linears` lists the Linear layers).
 
     >>> model = mlp(64, hidden=(100, 100), norm="bn")
     >>> [type(m).__name__ for m in model][:3]

@@ -23,16 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bnnotes import torch_bn
 from bnnotes.experiments.data import Dataset, load_digits
 from bnnotes.experiments.inference import population_statistics, using_statistics
 from bnnotes.experiments.models import hidden_linears, mlp
 from bnnotes.experiments.training import TrainConfig, evaluate, train
 from bnnotes.renorm import BatchRenorm1d, renorm_schedule
-from bnnotes.torch_bn import BatchNorm1d, batch_norm
+from bnnotes.torch_bn import batch_norm
+from bnnotes.variants import freeze_bn_statistics
 
 __all__ = [
-    "MovingAverageBatchNorm1d",
     "GlobalStatsConfig",
     "GlobalStatsResult",
     "global_statistics_experiment",
@@ -51,8 +50,6 @@ __all__ = [
     "DiscriminatorConfig",
     "DiscriminatorResult",
     "discriminator_experiment",
-    "EvalModeBatchNorm1d",
-    "freeze_bn_statistics",
     "shift_images",
     "FinetuneConfig",
     "FinetuneResult",
@@ -81,35 +78,6 @@ def _chain(*callbacks: Callback | None) -> Callback:
 # --------------------------------------------------------------------------------------------------------------------
 # Why training does not use the global statistics
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class MovingAverageBatchNorm1d(BatchNorm1d):
-    """BN that normalizes with its moving averages in training too: the variant Ioffe (2017, Sec. 2) warns against.
-
-    In training mode every batch first updates ``running_mean`` and ``running_var`` exactly as `BatchNorm1d` does
-    (same momentum, unbiased variance), and the output is then Algorithm 2's affine map with those statistics,
-    ``y = weight * (x - running_mean) / sqrt(running_var + eps) + bias``. The statistics are buffers, so the gradient
-    treats them as constants: backpropagation sees a fixed per-feature affine map, not the normalization.
-    In eval mode the layer is `BatchNorm1d`. input: (N, C) or (N, C, L); returns the same shape.
-
-    >>> layer = MovingAverageBatchNorm1d(3, momentum=1.0)
-    >>> y = layer(torch.tensor([[0.0, 1.0, 2.0], [2.0, 3.0, 6.0]]))
-    >>> layer.running_mean.tolist(), layer.running_var.tolist()
-    ([1.0, 2.0, 4.0], [2.0, 2.0, 8.0])
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True,
-                         device=device, dtype=dtype)
-
-    def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(input)
-        with torch.no_grad():
-            super().forward(input)  # BN's own update of the running statistics; its output is not used
-        return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, training=False,
-                          eps=self.eps)
 
 
 @dataclass(frozen=True)
@@ -159,7 +127,7 @@ def global_statistics_experiment(config: GlobalStatsConfig = GlobalStatsConfig()
     data: defaults to ``load_digits()``, moved to `device` if given.
     """
     data = _prepare(data, device)
-    methods = {"bn": "bn", "moving": MovingAverageBatchNorm1d}
+    methods = {"bn": "bn", "moving": "bn-moving"}
     tc = config.train
     steps = sorted({0, tc.steps, *range(0, tc.steps + 1, tc.eval_every)})
     out: dict[str, dict[str, list]] = {k: {"acc": [], "loss": [], "w": [], "b": [], "div": []} for k in methods}
@@ -550,30 +518,6 @@ def discriminator_experiment(config: DiscriminatorConfig = DiscriminatorConfig()
 # --------------------------------------------------------------------------------------------------------------------
 # Fine-tuning with small batches
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class EvalModeBatchNorm1d(BatchNorm1d):
-    """A `BatchNorm1d` that stays in eval mode: it normalizes with its running statistics and never updates them.
-
-    ``model.train()`` does not switch it to batch statistics; weight and bias are still trained, through the fixed
-    affine map. This is "BN layers in eval mode" during fine-tuning, made robust to training loops that call
-    ``model.train()`` before every step.
-    """
-
-    def train(self, mode: bool = True) -> "EvalModeBatchNorm1d":
-        return super().train(False)
-
-
-def freeze_bn_statistics(model: nn.Module) -> nn.Module:
-    """Replace every `BatchNorm1d` of `model` by an `EvalModeBatchNorm1d` sharing its parameters and buffers.
-
-    Works in place on containers and returns the (possibly new) root module.
-
-    >>> model = freeze_bn_statistics(mlp(4, hidden=(3,), norm="bn"))
-    >>> _ = model.train(); type(model[1]).__name__, model[1].training
-    ('EvalModeBatchNorm1d', False)
-    """
-    return torch_bn._swap(model, {BatchNorm1d: EvalModeBatchNorm1d})
 
 
 def shift_images(x: Tensor, pixels: int = 1) -> Tensor:
