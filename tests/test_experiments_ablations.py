@@ -90,3 +90,19 @@ def test_final_test_acc_names_the_variants(digits):
     result = ablations.frozen_affine(ablations.FrozenAffineConfig(variants=("none",), train=SHORT, seeds=(0,)), digits)
     with pytest.raises(ValueError, match=r"one of \['none'\], got 'bn'"):
         result.final_test_acc("bn")
+
+
+def test_mean_variance_only_builds_the_variants_of_the_registry(digits):
+    from bnnotes import variants
+
+    config = ablations.MeanVarianceOnlyConfig(train=SHORT)
+    result = ablations.mean_variance_only(config, digits)
+    expected = {"none": None, "bn-mean-only": variants.MeanOnlyBatchNorm1d,
+                "bn-var-only": variants.VarianceOnlyBatchNorm1d, "bn": nn.BatchNorm1d}
+    for variant, kind in expected.items():
+        model = result.models[variant][0]
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+        assert (not norms) if kind is None else (len(norms) == 3 and all(isinstance(m, kind) for m in norms))
+        # Only a layer that subtracts the batch mean makes the Linear bias before it redundant.
+        has_bias = [m.bias is not None for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+        assert has_bias == [variant in ("none", "bn-var-only")] * 3
