@@ -25,6 +25,8 @@ def test_statistics_masks_are_the_family_picture():
 
 def test_family_properties_separate_bn_from_the_rest():
     rows = {row.name: row for row in rn.family_properties()}
+    with pytest.raises(TypeError, match="FamilyConfig"):
+        rn.family_properties((8, 4, 5, 5))
     assert set(rows) == set(rn.FAMILY)
     assert rows["bn"].batch_dependence > 0 and rows["bn"].train_eval_gap > 0 and rows["bn"].batch1_gap > 0
     for name in ("ln", "in", "gn", "rms"):
@@ -95,30 +97,30 @@ def test_residual_stream_follows_the_predictions():
 
 def test_padding_changes_bn_but_not_per_token_norms():
     result = rn.padding_experiment()
-    assert result["bn"] > 0.1 and result["ln"] == 0.0 and result["rms"] == 0.0
-    assert 0 < result["pad_fraction_short"] < result["pad_fraction_long"] < 1
+    assert result.bn > 0.1 and result.ln == 0.0 and result.rms == 0.0
+    assert 0 < result.pad_fraction_short < result.pad_fraction_long < 1
     with pytest.raises(ValueError, match="every length must fit"):
-        rn.padding_experiment(lengths=(30,), pad_to=(12, 24))
+        rn.padding_experiment(rn.PaddingConfig(lengths=(30,), pad_to=(12, 24)))
 
 
 def test_pre_and_post_ln_streams():
-    streams = rn.ln_stream_mean_square(depth=8, width=32, n=256)
-    np.testing.assert_allclose(streams["post"][1:], 1.0, atol=1e-3)
-    assert np.all(np.diff(streams["pre"]) > 0)
+    streams = rn.ln_stream_mean_square(rn.LNStreamConfig(depth=8, width=32, n=256))
+    np.testing.assert_allclose(streams.post[1:], 1.0, atol=1e-3)
+    assert np.all(np.diff(streams.pre) > 0)
 
 
 def test_dropout_variance_shift_matches_the_formula():
     for p, mean in ((0.5, 1.0), (0.2, 0.0)):
-        shift = rn.dropout_variance_shift(p=p, mean=mean, std=1.0, steps=100)
-        np.testing.assert_allclose(shift["measured_ratio"], shift["predicted_ratio"], rtol=0.05)
-    no_dropout = rn.dropout_variance_shift(p=0.0, steps=50)
-    np.testing.assert_allclose(no_dropout["predicted_ratio"], 1.0)
-    np.testing.assert_allclose(no_dropout["eval_output_std"], 1.0, rtol=0.05)
+        shift = rn.dropout_variance_shift(rn.DropoutShiftConfig(p=p, mean=mean, std=1.0, steps=100))
+        np.testing.assert_allclose(shift.measured_ratio, shift.predicted_ratio, rtol=0.05)
+    no_dropout = rn.dropout_variance_shift(rn.DropoutShiftConfig(p=0.0, steps=50))
+    np.testing.assert_allclose(no_dropout.predicted_ratio, 1.0)
+    np.testing.assert_allclose(no_dropout.eval_output_std, 1.0, rtol=0.05)
     state = torch.random.get_rng_state()
-    rn.dropout_variance_shift(steps=5)
+    rn.dropout_variance_shift(rn.DropoutShiftConfig(steps=5))
     assert torch.equal(state, torch.random.get_rng_state()), "the global generator should be restored"
     with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
-        rn.dropout_variance_shift(p=1.0)
+        rn.dropout_variance_shift(rn.DropoutShiftConfig(p=1.0))
 
 
 def test_precise_bn_recomputes_the_population_statistics_with_dropout_off():

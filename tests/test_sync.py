@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnnotes import torch_bn
-from bnnotes.experiments.distributed import launch, recorded_collectives
+from bnnotes.experiments.launch import launch, recorded_collectives
 from bnnotes.ghost import GhostBatchNorm1d
 from bnnotes.sync import (
     DistributedDataParallel,

@@ -21,22 +21,26 @@ import torch
 from torch import Tensor, nn
 
 from bnnotes import folding, torch_bn
+from bnnotes._core import ema_, unbiased_variance
 from bnnotes.experiments.data import Dataset, load_digits
 from bnnotes.experiments.models import mlp
+from bnnotes.experiments.stats import (
+    Statistics,
+    frozen_buffers,
+    norm_layers,
+    population_statistics,
+    statistic_names,
+    statistics_distance,
+    using_statistics,
+)
 from bnnotes.experiments.training import TrainConfig, evaluate, train
 
 __all__ = [
-    "Statistics",
-    "bn_layers",
-    "population_statistics",
-    "using_statistics",
-    "statistics_distance",
-    "bn_inputs",
-    "batch_variance_ratio",
     "EmaTracker",
     "MomentumSweepConfig",
     "MomentumSweep",
     "momentum_sweep",
+    "BatchMatesConfig",
     "BatchMates",
     "batch_mates",
     "train_mode_predictions",
@@ -46,161 +50,6 @@ __all__ = [
     "FoldBenchmark",
     "fold_benchmark",
 ]
-
-#: Per BN layer (in module order): (mean, var), each of shape (C,).
-Statistics = list[tuple[Tensor, Tensor]]
-
-_BN_TYPES = (torch_bn.BatchNorm1d, torch_bn.BatchNorm2d, torch_bn.BatchNorm3d)
-
-
-def bn_layers(model: nn.Module) -> list[nn.Module]:
-    """bnnotes' BN layers of `model` with running statistics, in module order."""
-    return [m for m in model.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
-
-
-def _current_statistics(model: nn.Module) -> Statistics:
-    return [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bn_layers(model)]
-
-
-@contextlib.contextmanager
-def using_statistics(model: nn.Module, stats: Statistics) -> Iterator[nn.Module]:
-    """Temporarily load `stats` into the running buffers of `model`'s BN layers (restored on exit).
-
-    >>> model = mlp(4, hidden=(3,), norm="bn")
-    >>> with using_statistics(model, [(torch.ones(3), 2 * torch.ones(3))]):
-    ...     model[1].running_var.tolist()
-    [2.0, 2.0, 2.0]
-    >>> model[1].running_var.tolist()
-    [1.0, 1.0, 1.0]
-    """
-    layers = bn_layers(model)
-    if len(stats) != len(layers):
-        raise ValueError(f"stats has {len(stats)} entries but the model has {len(layers)} BN layers")
-    saved = _current_statistics(model)
-    try:
-        with torch.no_grad():
-            for bn, (mean, var) in zip(layers, stats):
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-        yield model
-    finally:
-        with torch.no_grad():
-            for bn, (mean, var) in zip(layers, saved):
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-
-
-@torch.no_grad()
-def population_statistics(model: nn.Module, x: Tensor, batch_size: int | None = None, seed: int = 0) -> Statistics:
-    """Algorithm 2's population statistics of every BN layer, with the weights frozen.
-
-    One pass over x in mini-batches of size m = batch_size (shuffled with `seed`; an incomplete last batch is dropped),
-    the network in training mode as during training, and for every BN layer
-    ``E[x] = mean over batches of the batch means`` and ``Var[x] = m/(m-1) * mean over batches of the biased batch
-    variances``. batch_size=None uses all of x as one batch. This is what a BN layer with ``momentum=None`` (a
-    cumulative average) accumulates over that pass, and how it is computed here.
-    Returns a list of (mean, var) per BN layer; `model`'s parameters, buffers and mode are left as they were.
-    """
-    layers = bn_layers(model)
-    if not layers:
-        raise ValueError("model has no bnnotes BN layer with running statistics")
-    n = x.shape[0]
-    m = n if batch_size is None else batch_size
-    if not 2 <= m <= n:
-        raise ValueError(f"batch_size must be in [2, {n}] for {n} examples, got {batch_size}")
-    saved = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
-             for bn in layers]
-    was_training = model.training
-    try:
-        for bn in layers:
-            bn.reset_running_stats()
-            bn.momentum = None
-        model.train()
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
-        for start in range(0, n - m + 1, m):
-            model(x[perm[start : start + m]])
-        return _current_statistics(model)
-    finally:
-        model.train(was_training)
-        for bn, (mean, var, count, momentum) in zip(layers, saved):
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
-            bn.num_batches_tracked.copy_(count)
-            bn.momentum = momentum
-
-
-def statistics_distance(stats: Statistics, reference: Statistics, eps: float = 1e-5) -> float:
-    """How far `stats` are from `reference`, in units of the reference standard deviation.
-
-    The mean over every channel of every layer of ``(|mu - mu_ref| + |sigma - sigma_ref|) / sigma_ref``, with
-    ``sigma = sqrt(var + eps)``: 0.1 means the statistics are off by about a tenth of a standard deviation.
-    """
-    if len(stats) != len(reference):
-        raise ValueError(f"stats has {len(stats)} layers but reference has {len(reference)}")
-    errors = []
-    for (mean, var), (ref_mean, ref_var) in zip(stats, reference):
-        sigma, ref_sigma = torch.sqrt(var.double() + eps), torch.sqrt(ref_var.double() + eps)
-        errors.append(((mean.double() - ref_mean.double()).abs() + (sigma - ref_sigma).abs()) / ref_sigma)
-    return torch.cat(errors).mean().item()
-
-
-@torch.no_grad()
-def bn_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """The input of every bnnotes BN layer of `model` (module order) for one eval-mode forward pass of `x`.
-
-    Eval mode leaves the running statistics untouched; `model`'s mode is restored on exit.
-    Returns a list of tensors of shape (N, C) or (N, C, *spatial), one per BN layer.
-
-    >>> [tuple(t.shape) for t in bn_inputs(mlp(4, hidden=(3, 2), norm="bn"), torch.zeros(5, 4))]
-    [(5, 3), (5, 2)]
-    """
-    layers = bn_layers(model)
-    if not layers:
-        raise ValueError("model has no bnnotes BN layer with running statistics")
-    captured: list[Tensor] = []
-    handles = [bn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach()))
-               for bn in layers]
-    was_training = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-@torch.no_grad()
-def batch_variance_ratio(x: Tensor, batch_size: int, seed: int = 0) -> Tensor:
-    """Per channel, the mean biased batch variance over the variance of all of x: E_B[sigma_B^2] / sigma^2.
-
-    x: (N, C) or (N, C, *spatial), a layer's input for N examples. The batches are `batch_size` examples each, from
-    one shuffled pass (with `seed`; an incomplete last batch is dropped), so a batch holds
-    m = batch_size * prod(spatial) values per channel; sigma^2 is the biased variance of all N * prod(spatial) values.
-    For m independent values the ratio is (m - 1) / m (Eq. eq-inference-bias); values within one example of a
-    convolutional layer are not independent, and the ratio shows by how much that matters.
-    Returns a float64 tensor of shape (C,).
-
-    >>> x = torch.tensor([[0.0], [2.0], [1.0], [3.0]])
-    >>> batch_variance_ratio(x, batch_size=4).tolist()
-    [1.0]
-    """
-    if x.dim() < 2:
-        raise ValueError(f"x must have shape (N, C) or (N, C, *spatial), got {tuple(x.shape)}")
-    n = x.shape[0]
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be an integer in [1, {n}] for {n} examples, got {batch_size!r}")
-    if batch_size == 1 and x.dim() == 2:
-        raise ValueError("batch_size=1 with (N, C) input leaves one value per channel: its variance is 0")
-    dims = [0] + list(range(2, x.dim()))
-    x = x.double()
-    population_var = x.var(dim=dims, correction=0)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
-    batch_vars = [x[perm[start : start + batch_size]].var(dim=dims, correction=0)
-                  for start in range(0, n - batch_size + 1, batch_size)]
-    return torch.stack(batch_vars).mean(0) / population_var
-
 
 class EmaTracker:
     """Moving averages of every BN layer's batch statistics, for several momenta at once, in PyTorch's convention.
@@ -215,7 +64,10 @@ class EmaTracker:
         self.momenta = [float(mo) for mo in momenta]
         if not self.momenta or any(not 0.0 < mo <= 1.0 for mo in self.momenta):
             raise ValueError(f"momenta must be a non-empty list of numbers in (0, 1], got {list(momenta)}")
-        self.layers = bn_layers(model)
+        self.layers = norm_layers(model)
+        not_bn = [type(layer).__name__ for layer in self.layers if statistic_names(layer) != ("running_mean", "running_var")]
+        if not_bn:
+            raise ValueError(f"EmaTracker tracks BN's (mean, var); the model also has {not_bn}")
         # One (momenta, C) tensor per layer and statistic, so that a batch updates every momentum in one operation.
         self._mean = [torch.zeros((len(self.momenta),) + bn.running_mean.shape, dtype=bn.running_mean.dtype,
                                   device=bn.running_mean.device) for bn in self.layers]
@@ -233,11 +85,10 @@ class EmaTracker:
                 x = inputs[0]
                 dims = [0] + list(range(2, x.dim()))
                 batch_var, batch_mean = torch.var_mean(x.to(module.running_var.dtype), dim=dims, correction=0)
-                m = x.numel() // x.shape[1]
-                unbiased = batch_var * (m / (m - 1))
-                weight = self._weight[index]
-                self._mean[index].lerp_(batch_mean.expand_as(self._mean[index]), weight)  # (1 - w) old + w new
-                self._var[index].lerp_(unbiased.expand_as(self._var[index]), weight)
+                unbiased = unbiased_variance(batch_var, x.numel() // x.shape[1])
+                # One momentum per row: the (momenta, 1) weight broadcasts over the channels.
+                ema_(self._mean[index], batch_mean.expand_as(self._mean[index]), self._weight[index])
+                ema_(self._var[index], unbiased.expand_as(self._var[index]), self._weight[index])
 
         return hook
 
@@ -392,8 +243,8 @@ def train_mode_predictions(model: nn.Module, x: Tensor, batch_size: int, seed: i
     """The class `model` predicts in training mode for every row of x, when x is cut into random batches.
 
     x: (N, ...). The rows are shuffled with `seed` and cut into batches of `batch_size`; a remainder of one example
-    joins the last full batch (training mode needs two values per channel). A deep copy of `model` runs the forward
-    passes, so `model` itself (mode, running statistics) is untouched.
+    joins the last full batch (training mode needs two values per channel). The passes run inside `frozen_buffers`,
+    so `model` itself (modes, running statistics) is left as it was.
     Returns a long tensor of shape (N,), in x's order.
 
     >>> model = mlp(4, hidden=(3,), norm="none")
@@ -403,47 +254,59 @@ def train_mode_predictions(model: nn.Module, x: Tensor, batch_size: int, seed: i
     n = x.shape[0]
     if not isinstance(batch_size, int) or not 2 <= batch_size <= n:
         raise ValueError(f"batch_size must be an integer in [2, {n}] for {n} examples, got {batch_size!r}")
-    copy_ = copy.deepcopy(model).train()
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
     batches = list(perm.split(batch_size))
     if len(batches) > 1 and len(batches[-1]) == 1:
         leftover = batches.pop()
         batches[-1] = torch.cat([batches[-1], leftover])
     predictions = torch.empty(n, dtype=torch.long, device=x.device)
-    for idx in batches:
-        predictions[idx] = copy_(x[idx]).argmax(dim=1)
+    with frozen_buffers(model):
+        for idx in batches:
+            predictions[idx] = model(x[idx]).argmax(dim=1)
     return predictions
 
 
+@dataclass(frozen=True)
+class BatchMatesConfig:
+    """`batch_mates`: `n_examples` test examples, each in batches with `batch_size` - 1 batch-mates of one class; the
+    examples and the batch-mates are drawn with `seed`."""
+
+    n_examples: int = 100
+    batch_size: int = 16
+    seed: int = 0
+
+
 @torch.no_grad()
-def batch_mates(model: nn.Module, data: Dataset, n_examples: int = 100, batch_size: int = 16,
-                seed: int = 0) -> BatchMates:
+def batch_mates(model: nn.Module, data: Dataset, config: BatchMatesConfig = BatchMatesConfig()) -> BatchMates:
     """Predict each of `n_examples` test examples inside batches whose other members all belong to one class.
 
     In training mode BN normalizes with the batch's statistics, so the prediction depends on the batch-mates; in
-    eval mode it must not. The batch-mates are `batch_size - 1` training examples of class c, drawn with `seed`.
-    `model` itself is not modified.
+    eval mode it must not. The batch-mates are ``batch_size - 1`` training examples of class c, drawn with the
+    config's seed. `model` itself is left as it was (the training-mode passes run inside `frozen_buffers`).
     """
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be at least 2 (the example and one batch-mate), got {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
+    if config.batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (the example and one batch-mate), got {config.batch_size}")
+    generator = torch.Generator().manual_seed(config.seed)
     n_classes = data.n_classes
     y_train = data.y_train.cpu()
     pool = [torch.nonzero(y_train == c).flatten() for c in range(n_classes)]
-    examples = torch.randperm(data.x_test.shape[0], generator=generator)[:n_examples]
-    # Training-mode passes update the running buffers: run them on a copy, so eval mode sees the trained statistics.
-    models = {"train": copy.deepcopy(model).train(), "eval": copy.deepcopy(model).eval()}
-    results = {mode: (np.zeros((len(examples), n_classes)), np.zeros((len(examples), n_classes), dtype=int))
-               for mode in models}
+    examples = torch.randperm(data.x_test.shape[0], generator=generator)[: config.n_examples]
+    batches = []  # (row, class of the batch-mates, batch, label)
     for c in range(n_classes):
-        mates = pool[c][torch.randperm(len(pool[c]), generator=generator)[: batch_size - 1]].to(data.x_train.device)
+        draw = torch.randperm(len(pool[c]), generator=generator)[: config.batch_size - 1]
+        mates = pool[c][draw].to(data.x_train.device)
         for row, i in enumerate(examples.tolist()):
-            batch = torch.cat([data.x_test[i : i + 1], data.x_train[mates]])
-            label = int(data.y_test[i])
-            for mode, net in models.items():
-                probs = torch.softmax(net(batch)[0], dim=0)
-                results[mode][0][row, c] = probs[label].item()
-                results[mode][1][row, c] = int(probs.argmax())
+            batches.append((row, c, torch.cat([data.x_test[i : i + 1], data.x_train[mates]]), int(data.y_test[i])))
+    results = {}
+    for mode in ("train", "eval"):
+        prob = np.zeros((len(examples), n_classes))
+        pred = np.zeros((len(examples), n_classes), dtype=int)
+        with frozen_buffers(model, train=mode == "train"):  # eval mode then sees the trained statistics
+            for row, c, batch, label in batches:
+                probs = torch.softmax(model(batch)[0], dim=0)
+                prob[row, c] = probs[label].item()
+                pred[row, c] = int(probs.argmax())
+        results[mode] = (prob, pred)
     return BatchMates(
         train_prob=results["train"][0], eval_prob=results["eval"][0],
         train_pred=results["train"][1], eval_pred=results["eval"][1],

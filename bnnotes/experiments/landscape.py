@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnnotes.experiments.data import Dataset
-from bnnotes.experiments.models import NormFactory, hidden_linears, mlp, norm_factory
+from bnnotes.experiments.models import NormFactory, hidden_linears, hidden_norms, mlp, norm_factory
+from bnnotes.experiments.stats import frozen_buffers, population_statistics
 from bnnotes.experiments.training import History, TrainConfig, train
 from bnnotes.variants import ActivationNoise
 
@@ -124,32 +125,18 @@ def distribution_instability(batch_mean: np.ndarray, batch_std: np.ndarray) -> f
     return float(np.median(step_change.mean(axis=0) / np.maximum(spread, 1e-12)))
 
 
-def _norm_layers(model: nn.Module) -> list[nn.Module]:
-    from bnnotes.lp_norm import LpBatchNorm1d
-    from bnnotes.torch_bn import BatchNorm1d
-
-    return [m for m in model.modules() if isinstance(m, (BatchNorm1d, LpBatchNorm1d))]
-
-
-@torch.no_grad()
 def recompute_running_stats(model: nn.Module, x: Tensor, batch_size: int = 60) -> nn.Module:
-    """A copy of `model` whose BN running statistics are recomputed on x (N, features) with the noise switched off.
+    """A copy of `model` whose running statistics are recomputed on x (N, features) with the noise switched off.
 
-    The running statistics are reset and replaced by the cumulative average over consecutive batches of x, which is
-    what inference should see when the training-time noise is gone. The input model is not changed.
+    Every normalization layer's statistics (BN's and the ℓp layers') are reset and replaced by the cumulative average
+    over consecutive batches of x (`bnnotes.experiments.stats.population_statistics` in place), which is what inference
+    should see when the training-time noise is gone. The input model is not changed; the copy is in eval mode.
     """
-    from bnnotes.torch_bn import BatchNorm1d
-
     fresh = copy.deepcopy(model)
     for module in fresh.modules():
         if isinstance(module, ActivationNoise):
             module.enabled = False
-        if isinstance(module, BatchNorm1d):
-            module.reset_running_stats()
-            module.momentum = None
-    fresh.train()
-    for start in range(0, x.shape[0] - batch_size + 1, batch_size):
-        fresh(x[start : start + batch_size])
+    population_statistics(fresh, x, batch_size, seed=None, in_place=True)
     return fresh.eval()
 
 
@@ -163,7 +150,8 @@ class NoisyBNConfig:
     """A sigmoid MLP trained with plain SGD on digits, with and without BN and noise (see `ActivationNoise`).
 
     layer: which hidden layer's input to the nonlinearity is recorded (0-based; -1 is the last). record_every: record
-    its moments on a fixed probe batch of `probe_size` training images every this many steps.
+    its moments on a fixed probe batch of `probe_size` training images, drawn with `probe_seed`, every this many
+    steps. The noise layers of the run with seed s are seeded ``noise_seed_scale * (s + 1) + 1, + 2, ...``.
     """
 
     hidden: tuple[int, ...] = (100, 100, 100)
@@ -181,6 +169,8 @@ class NoisyBNConfig:
     probe_size: int = 200
     unit: int = 0
     init_std: float | None = 0.1
+    probe_seed: int = 12345
+    noise_seed_scale: int = 1000
 
 
 @dataclass
@@ -208,7 +198,7 @@ PERCENTILES = (5, 15, 50, 85, 95)
 
 
 def _noisy_model(variant: str, config: NoisyBNConfig, n_features: int, n_classes: int, seed: int) -> nn.Sequential:
-    noise = {"mean_range": config.mean_range, "std_range": config.std_range, "seed": 1000 * (seed + 1)}
+    noise = {"mean_range": config.mean_range, "std_range": config.std_range, "seed": config.noise_seed_scale * (seed + 1)}
     factories: dict[str, str | NormFactory] = {
         "plain": "none",
         "bn": "bn",
@@ -229,56 +219,50 @@ def _noisy_model(variant: str, config: NoisyBNConfig, n_features: int, n_classes
     )
 
 
+def _probe_batch(data: Dataset, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """`size` training examples drawn without replacement with `seed`: a fixed batch to measure on, (x, y)."""
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(data.x_train.shape[0], generator=generator)[:size].to(data.x_train.device)
+    return data.x_train[idx], data.y_train[idx]
+
+
 def noisy_bn_experiment(config: NoisyBNConfig, data: Dataset) -> list[NoisyBNRun]:
     """Train every variant of `config` for every seed; returns the runs (variant-major, then seed).
 
     The recorded quantity is the input to the nonlinearity of hidden layer `config.layer` (after BN and noise), on a
     fixed probe batch run in train mode, so that it is the distribution that layer sees while training. Recording does
-    not move the running statistics (they are saved and restored around the probe).
+    not move the running statistics (the probe runs inside `frozen_buffers`).
     """
-    n_hidden = len(config.hidden)
-    layer = config.layer % n_hidden
-    probe_gen = torch.Generator().manual_seed(12345)
-    probe_idx = torch.randperm(data.x_train.shape[0], generator=probe_gen)[: config.probe_size]
-    probe = data.x_train[probe_idx.to(data.x_train.device)]
+    probe, _ = _probe_batch(data, config.probe_size, config.probe_seed)
     runs: list[NoisyBNRun] = []
     for variant in config.variants:
         for seed in config.seeds:
             model = _noisy_model(variant, config, data.n_features, data.n_classes, seed)
-            tap = model[3 * layer + 1]  # the layer's norm (+ noise) module: its output feeds the nonlinearity
+            # the layer's norm (+ noise) module: its output feeds the nonlinearity
+            tap = hidden_norms(model)[config.layer % len(config.hidden)]
             captured: list[Tensor] = []
             handle = tap.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-            steps, means, stds, pcts, values = [], [], [], [], []
+            steps, pcts, values = [], [], []
+            moments: tuple[list, list] = ([], [])
 
             def callback(step: int, net: nn.Module) -> None:
                 if step % config.record_every:
                     return
-                buffers = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
                 captured.clear()
-                was_training = net.training
-                net.train()
-                with torch.no_grad():
+                with torch.no_grad(), frozen_buffers(net):
                     net(probe)
-                net.train(was_training)
-                net.load_state_dict(buffers, strict=False)
                 act = captured[-1].double().cpu()
                 steps.append(step)
-                means.append(act.mean(0).numpy())
-                stds.append(act.std(0, unbiased=False).numpy())
+                moments[0].append(act.mean(0).numpy())
+                moments[1].append(act.std(0, unbiased=False).numpy())
                 pcts.append(np.percentile(act[:, config.unit].numpy(), PERCENTILES))
                 values.append(act.flatten().float().numpy())
 
-            history = train(
-                model,
-                data,
-                TrainConfig(
-                    steps=config.steps, lr=config.lr, batch_size=config.batch_size, eval_every=config.eval_every,
-                    seed=seed,
-                ),
-                callback=callback,
-            )
+            train_config = TrainConfig(steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+                                       eval_every=config.eval_every, seed=seed)
+            history = train(model, data, train_config, callback=callback)
             handle.remove()
-            batch_mean, batch_std = np.array(means), np.array(stds)
+            batch_mean, batch_std = np.array(moments[0]), np.array(moments[1])
             runs.append(
                 NoisyBNRun(
                     variant, seed, history, np.array(steps), batch_mean, batch_std, np.array(pcts),
@@ -345,14 +329,14 @@ def lower_layer_step(model: nn.Module, x: Tensor, y: Tensor, lr: float) -> np.nd
     """
     if not lr > 0:
         raise ValueError(f"lr must be a positive learning rate, got {lr!r}")
-    net = copy.deepcopy(model).train()
-    named = list(net.named_parameters())
+    named = list(model.named_parameters())
     order = [n for n, _ in named]
-    grads = torch.autograd.grad(F.cross_entropy(net(x), y), [p for _, p in named])
+    with frozen_buffers(model):  # a training-mode pass that leaves the running statistics alone
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), [p for _, p in named])
     step_sq = np.array([(lr * g.detach().double()).pow(2).sum().item() for g in grads])
     size_sq = np.array([p.detach().double().pow(2).sum().item() for _, p in named])
     relative = []
-    for name, _ in _linear_weights(net):
+    for name, _ in _linear_weights(model):
         below = order.index(name)
         size = math.sqrt(size_sq[:below].sum())
         relative.append(math.sqrt(step_sq[:below].sum()) / size if below else 0.0)
@@ -363,8 +347,9 @@ def lower_layer_step(model: nn.Module, x: Tensor, y: Tensor, lr: float) -> np.nd
 class ICSConfig:
     """Training runs on which `gradient_ics` is measured every `measure_every` steps on a fixed batch.
 
-    data: ``"digits"`` (an MLP with `activation`) or ``"linear"`` (a deep linear network on `linear_teacher_data`,
-    `hidden` identity layers initialised with N(0, 1/width)). init_std: the MLP's N(0, init_std^2) initialisation.
+    data: ``"digits"`` (an MLP with `activation`) or ``"linear"`` (a deep linear network on `linear_teacher_data`
+    drawn with `teacher_seed`, `hidden` identity layers initialised with N(0, 1/width)). init_std: the MLP's
+    N(0, init_std^2) initialisation. The fixed batch is `batch_size` training examples drawn with `probe_seed`.
     """
 
     data: str = "digits"
@@ -377,6 +362,8 @@ class ICSConfig:
     measure_every: int = 25
     seeds: tuple[int, ...] = (0, 1)
     init_std: float | None = 0.1
+    probe_seed: int = 54321
+    teacher_seed: int = 0
 
 
 @dataclass
@@ -400,7 +387,7 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
     data: the digits `Dataset` for ``config.data == "digits"``; for ``"linear"`` only its device is used.
     """
     if config.data == "linear":
-        synthetic = linear_teacher_data(seed=0)
+        synthetic = linear_teacher_data(seed=config.teacher_seed)
         data = synthetic.to(data.x_train.device) if data is not None else synthetic
         activation, init_std = "identity", 1.0 / math.sqrt(config.hidden[0])
     elif config.data == "digits":
@@ -409,9 +396,7 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
         activation, init_std = config.activation, config.init_std
     else:
         raise ValueError(f"config.data must be 'digits' or 'linear', got {config.data!r}")
-    gen = torch.Generator().manual_seed(54321)
-    idx = torch.randperm(data.x_train.shape[0], generator=gen)[: config.batch_size].to(data.x_train.device)
-    x_probe, y_probe = data.x_train[idx], data.y_train[idx]
+    x_probe, y_probe = _probe_batch(data, config.batch_size, config.probe_seed)
     runs = []
     for norm in config.norms:
         for seed in config.seeds:
@@ -425,10 +410,10 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
                 if step % config.measure_every:
                     return
                 l2, cos = gradient_ics(net, x_probe, y_probe, config.lr)
-                net_copy = copy.deepcopy(net).train()
-                loss = F.cross_entropy(net_copy(x_probe), y_probe)
-                ws = [w for _, w in _linear_weights(net_copy)]
-                gnorms.append([g.norm().item() for g in torch.autograd.grad(loss, ws)])
+                ws = [w for _, w in _linear_weights(net)]
+                with frozen_buffers(net):
+                    loss = F.cross_entropy(net(x_probe), y_probe)
+                    gnorms.append([g.norm().item() for g in torch.autograd.grad(loss, ws)])
                 lower.append(lower_layer_step(net, x_probe, y_probe, config.lr))
                 steps.append(step)
                 l2s.append(l2)
@@ -454,6 +439,18 @@ def ics_experiment(config: ICSConfig, data: Dataset | None = None) -> list[ICSRu
 def _loss_and_weight_grads(net: nn.Module, weights: list[nn.Parameter], x: Tensor, y: Tensor):
     loss = F.cross_entropy(net(x), y)
     return loss.item(), [g.detach() for g in torch.autograd.grad(loss, weights)]
+
+
+def _probe_directions(grads: list[Tensor], direction: str, seed: int) -> list[Tensor]:
+    """-g per layer (``"gradient"``), or a Gaussian direction rescaled per layer to ||g_k|| (``"random"``)."""
+    if direction == "gradient":
+        return [-g for g in grads]
+    gen = torch.Generator().manual_seed(seed)
+    dirs = []
+    for g in grads:
+        r = torch.randn(g.shape, generator=gen).to(g)
+        dirs.append(r * (g.norm() / r.norm().clamp_min(1e-30)))
+    return dirs
 
 
 def landscape_probe(
@@ -488,14 +485,7 @@ def landscape_probe(
     weights = [w for _, w in _linear_weights(net)]
     origin = [w.detach().clone() for w in weights]
     _, grads = _loss_and_weight_grads(net, weights, x, y)
-    if direction == "gradient":
-        dirs = [-g for g in grads]
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        dirs = []
-        for g in grads:
-            r = torch.randn(g.shape, generator=gen).to(g)
-            dirs.append(r * (g.norm() / r.norm().clamp_min(1e-30)))
+    dirs = _probe_directions(grads, direction, seed)
     w_norms = [w.norm() for w in origin]
     losses, changes, betas = [], [], []
     for eta in step_sizes:
@@ -547,9 +537,9 @@ def scale_symmetry(model: nn.Sequential, x: Tensor, y: Tensor, factor: float) ->
     """
 
     def measure(net: nn.Sequential, v: list[Tensor] | None):
-        net = copy.deepcopy(net).train()
         block = [m.weight for m in hidden_linears(net)]
-        loss = F.cross_entropy(net(x), y)
+        with frozen_buffers(net):
+            loss = F.cross_entropy(net(x), y)
         grads = torch.autograd.grad(loss, block, create_graph=True)
         if v is None:
             norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))
@@ -574,7 +564,8 @@ class LandscapeConfig:
     """Sigmoid MLPs on digits trained with SGD; `landscape_probe` runs every `measure_every` steps on a fixed batch.
 
     step_sizes: multiples of lr along the gradient in the paper's (absolute) protocol. relative_steps: per-layer
-    relative step sizes for the scale-invariant protocol.
+    relative step sizes for the scale-invariant protocol. The fixed batch is `batch_size` training examples drawn with
+    `probe_seed`; the random direction at step t is drawn with seed t.
     """
 
     hidden: tuple[int, ...] = (100, 100, 100)
@@ -589,6 +580,7 @@ class LandscapeConfig:
     relative_steps: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     seeds: tuple[int, ...] = (0, 1)
     init_std: float | None = 0.1
+    probe_seed: int = 2468
 
 
 @dataclass
@@ -606,9 +598,7 @@ class LandscapeRun:
 
 def landscape_experiment(config: LandscapeConfig, data: Dataset) -> list[LandscapeRun]:
     """Train one network per (norm, seed) and probe the landscape at checkpoints; runs norm-major."""
-    gen = torch.Generator().manual_seed(2468)
-    idx = torch.randperm(data.x_train.shape[0], generator=gen)[: config.batch_size].to(data.x_train.device)
-    x_probe, y_probe = data.x_train[idx], data.y_train[idx]
+    x_probe, y_probe = _probe_batch(data, config.batch_size, config.probe_seed)
     absolute_steps = tuple(config.lr * s for s in config.step_sizes)
     runs = []
     for norm in config.norms:

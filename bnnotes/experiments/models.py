@@ -1,4 +1,6 @@
-"""Small models for the experiments: fully connected networks with a pluggable normalization layer."""
+"""Small models for the experiments, each with a pluggable normalization layer named in one registry (`NORMS`,
+`SPATIAL_NORMS`): fully connected networks (`mlp`), a LeNet-sized convnet for images (`convnet`) and pre-activation
+residual networks (`residual_mlp`)."""
 
 from __future__ import annotations
 
@@ -6,14 +8,18 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from bnnotes import variants
 from bnnotes.lp_norm import LpBatchNorm1d
 from bnnotes.renorm import BatchRenorm1d
 from bnnotes.torch_bn import BatchNorm1d, BatchNorm2d
 
-__all__ = ["norm_factory", "make_norm", "mlp", "hidden_linears", "NORMS", "SPATIAL_NORMS", "ACTIVATIONS"]
+__all__ = [
+    "norm_factory", "make_norm", "mlp", "hidden_linears", "hidden_norms", "convnet", "PreActBlock", "ResidualMLP",
+    "residual_mlp", "NORMS", "SPATIAL_NORMS", "ACTIVATIONS",
+]
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -148,6 +154,18 @@ def hidden_linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
 
 
+def hidden_norms(model: nn.Sequential) -> list[nn.Module]:
+    """The normalization module after each hidden Linear of an `mlp`, in forward order (``nn.Identity`` without one):
+    the module whose output feeds the layer's nonlinearity.
+
+    >>> [type(m).__name__ for m in hidden_norms(mlp(64, hidden=(100, 100), norm="bn"))]
+    ['BatchNorm1d', 'BatchNorm1d']
+    """
+    layers = list(model)
+    positions = {id(layer): i for i, layer in enumerate(layers)}
+    return [layers[positions[id(linear)] + 1] for linear in hidden_linears(model)]
+
+
 def _init_linear(layer: nn.Linear, init_std: float | None, generator: torch.Generator) -> None:
     with torch.no_grad():
         if init_std is None:
@@ -160,3 +178,128 @@ def _init_linear(layer: nn.Linear, init_std: float | None, generator: torch.Gene
             layer.weight.normal_(0.0, init_std, generator=generator)
             if layer.bias is not None:
                 layer.bias.zero_()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A convolutional network (the real-networks chapter)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def convnet(
+    norm: str = "none",
+    channels: Sequence[int] = (16, 32),
+    placement: str = "before",
+    image_size: int = 16,
+    n_classes: int = 10,
+    seed: int = 0,
+) -> nn.Sequential:
+    """``[Conv3x3 -> norm -> ReLU -> MaxPool2] * len(channels) -> Linear``: a LeNet-sized network for 1-channel images.
+
+    norm: a name of `SPATIAL_NORMS` (``"bn"``, ``"gn"``, ``"ln"``, ``"in"``, ``"none"``).
+    placement: ``"before"`` the nonlinearity (Ioffe & Szegedy, 2015, Section 3.2) or ``"after"`` it
+    (Conv -> ReLU -> norm). A convolution followed directly by a normalizer has no bias (the normalizer's beta
+    replaces it); otherwise it has one.
+    seed: the initialization (PyTorch's default distribution) is drawn from a generator seeded here.
+
+    >>> [type(m).__name__ for m in convnet("bn")][:4]
+    ['Conv2d', 'BatchNorm2d', 'ReLU', 'MaxPool2d']
+    """
+    if placement not in ("before", "after"):
+        raise ValueError(f"placement must be 'before' or 'after' (the nonlinearity), got {placement!r}")
+    if image_size % (2 ** len(channels)):
+        raise ValueError(f"image_size={image_size} must be divisible by 2**len(channels)={2 ** len(channels)}")
+    generator = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    in_channels = 1
+    for out_channels in channels:
+        conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none" or placement == "after")
+        norm_layer = make_norm(norm, out_channels, spatial=True)
+        pair = [norm_layer, nn.ReLU()] if placement == "before" else [nn.ReLU(), norm_layer]
+        layers += [conv, *pair, nn.MaxPool2d(2)]
+        in_channels = out_channels
+    side = image_size // 2 ** len(channels)
+    layers += [nn.Flatten(), nn.Linear(in_channels * side * side, n_classes)]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                fan_in = layer.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)  # PyTorch's default kaiming_uniform_(a=sqrt(5)), from our generator
+                layer.weight.uniform_(-bound, bound, generator=generator)
+                if layer.bias is not None:
+                    layer.bias.uniform_(-bound, bound, generator=generator)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Residual networks (the real-networks chapter)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PreActBlock(nn.Module):
+    """A pre-activation residual block (He et al., 2016): x + W2 relu(norm2(W1 relu(norm1(x)))).
+
+    The Linears have no bias and He-normal weights (std sqrt(2 / width)), so that without normalization each branch
+    has the variance of its input and the stream's variance doubles per block (De & Smith, 2020). With BN, each
+    branch has variance ~1 at initialization and the stream's variance grows by ~1 per block.
+    zero_init_last_gamma: gamma (and beta) of norm2, the branch's last normalization, start at 0, so that the branch
+    is exactly 0 and the block is the identity at initialization (Goyal et al., 2017).
+    """
+
+    def __init__(self, width: int, norm: str, zero_init_last_gamma: bool, generator: torch.Generator) -> None:
+        super().__init__()
+        self.norm1 = make_norm(norm, width)
+        self.linear1 = nn.Linear(width, width, bias=False)
+        self.norm2 = make_norm(norm, width)
+        self.linear2 = nn.Linear(width, width, bias=False)
+        with torch.no_grad():
+            for linear in (self.linear1, self.linear2):
+                linear.weight.normal_(0.0, math.sqrt(2.0 / width), generator=generator)
+            if zero_init_last_gamma:
+                if not hasattr(self.norm2, "weight"):
+                    raise ValueError(f"zero_init_last_gamma needs a normalization with a gamma, got norm={norm!r}")
+                self.norm2.weight.zero_()
+                self.norm2.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        branch = self.linear1(F.relu(self.norm1(x)))
+        branch = self.linear2(F.relu(self.norm2(branch)))
+        return x + branch
+
+
+class ResidualMLP(nn.Module):
+    """embed (Linear) -> `depth` `PreActBlock`s -> norm -> ReLU -> Linear classifier."""
+
+    def __init__(self, in_features: int, width: int, depth: int, n_classes: int, norm: str,
+                 zero_init_last_gamma: bool, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.embed = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList(PreActBlock(width, norm, zero_init_last_gamma, generator) for _ in range(depth))
+        self.head_norm = make_norm(norm, width)
+        self.head = nn.Linear(width, n_classes)
+        with torch.no_grad():
+            for linear in (self.embed, self.head):
+                bound = 1.0 / math.sqrt(linear.in_features)
+                linear.weight.uniform_(-bound, bound, generator=generator)
+                linear.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(F.relu(self.head_norm(h)))
+
+
+def residual_mlp(in_features: int = 64, width: int = 64, depth: int = 16, n_classes: int = 10, norm: str = "bn",
+                 zero_init_last_gamma: bool = False, seed: int = 0) -> ResidualMLP:
+    """A residual network of `depth` pre-activation blocks for flat inputs (N, in_features); see `PreActBlock`.
+
+    >>> model = residual_mlp(depth=3, norm="bn", zero_init_last_gamma=True)
+    >>> x = torch.randn(5, 64)
+    >>> bool(torch.equal(model.blocks[0](x), x))  # the zero-gamma block is the identity
+    True
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth!r}")
+    return ResidualMLP(in_features, width, depth, n_classes, norm, zero_init_last_gamma, seed)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from bnnotes.experiments.data import Dataset, load_digits
-from bnnotes.experiments.inference import population_statistics, using_statistics
+from bnnotes.experiments.stats import population_statistics, using_statistics
 from bnnotes.experiments.models import hidden_linears, mlp
 from bnnotes.experiments.training import TrainConfig, evaluate, train
 from bnnotes.renorm import BatchRenorm1d, renorm_schedule
@@ -280,7 +280,7 @@ def diagnose_bn(model: nn.Module, data: Dataset) -> BNDiagnosis:
     """Separate "the running statistics are off" from "the weights are bad" for a trained BN model.
 
     The population statistics are Algorithm 2's, from the whole training split as one batch
-    (`bnnotes.experiments.inference.population_statistics`); the model is left as it was.
+    (`bnnotes.experiments.stats.population_statistics`); the model is left as it was.
     """
     acc_running = evaluate(model, data.x_test, data.y_test)[1]
     population = population_statistics(model, data.x_train)
@@ -448,7 +448,8 @@ class DiscriminatorConfig:
 
     discriminators: name -> (norm, batching); batching is "pure" or "mixed" (`discriminator_batches`).
     distinct_fakes: the number of distinct images among the fakes of a batch in the "collapse" scenario.
-    test_batches: how many test batches of each kind the train-mode accuracies average over.
+    test_batches: how many test batches of each kind the train-mode accuracies average over, drawn with the seed
+    ``test_seed_offset + seed``.
     """
 
     scenarios: tuple[str, ...] = ("shift", "collapse")
@@ -464,6 +465,7 @@ class DiscriminatorConfig:
     activation: str = "relu"
     train: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=0.1, eval_every=300)
     test_batches: int = 32
+    test_seed_offset: int = 10_000
     seeds: tuple[int, ...] = (0, 1)
 
 
@@ -500,7 +502,7 @@ def discriminator_experiment(config: DiscriminatorConfig = DiscriminatorConfig()
                             norm=norm, seed=seed)
                 batches = discriminator_batches(n_train, bs, batching, distinct)
                 train(model, task, dataclasses.replace(config.train, seed=seed), batches=batches)
-                g = torch.Generator().manual_seed(10_000 + seed)
+                g = torch.Generator().manual_seed(config.test_seed_offset + seed)
                 measured = {}
                 for kind in ("pure", "mixed"):
                     test_epoch = discriminator_batches(n_test, bs, kind, distinct)

@@ -2,8 +2,9 @@
 
 - The normalization family on feature maps (N, C, H, W): which values share statistics (`statistics_mask`), and
   what follows from it (`family_properties`: dependence on the batch, batch size 1, training versus inference).
-- A small convolutional network on upsampled digits (`load_digit_images`, `convnet`), with the course's training loop.
-- Residual networks at initialization: the variance of the residual stream with depth (`residual_mlp`,
+- A small convolutional network on upsampled digits (`load_digit_images`, `models.convnet`), with the course's
+  training loop.
+- Residual networks at initialization: the variance of the residual stream with depth (`models.residual_mlp`,
   `stream_mean_square`; De & Smith, 2020), and zero-initialized gamma in the last BN of each branch
   (Goyal et al., 2017).
 - Why sequence models normalize per token: BN's statistics over padded batches (`padding_experiment`), and pre-LN
@@ -28,25 +29,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnnotes.experiments.data import Dataset, load_digits
-from bnnotes.experiments.models import make_norm
+# The chapter's models live with the others in `models` (and are documented there); the chapter and its exercises
+# name them from here.
+from bnnotes.experiments.models import PreActBlock, ResidualMLP, convnet, make_norm, residual_mlp  # noqa: F401
+from bnnotes.experiments.stats import frozen_buffers, norm_layers, population_statistics
 from bnnotes.experiments.training import History, TrainConfig, train
 
 __all__ = [
     "FAMILY",
     "family_modules",
     "statistics_mask",
+    "FamilyConfig",
     "FamilyRow",
     "family_properties",
     "load_digit_images",
-    "convnet",
     "lr_sweep",
     "largest_good_lr",
-    "PreActBlock",
-    "ResidualMLP",
-    "residual_mlp",
     "stream_mean_square",
+    "PaddingConfig",
+    "PaddingResult",
     "padding_experiment",
+    "LNStreamConfig",
+    "LNStream",
     "ln_stream_mean_square",
+    "DropoutShiftConfig",
+    "DropoutShift",
     "dropout_variance_shift",
     "dropout_before_bn_mlp",
     "variance_shift_in",
@@ -54,7 +61,6 @@ __all__ = [
     "precise_bn",
     "swa_average",
     "magnitude_prune",
-    "accuracy",
 ]
 
 # The five normalizers of the family picture, in the order of Wu & He (2018, Figure 2), plus RMSNorm.
@@ -81,18 +87,19 @@ def family_modules(channels: int, height: int, width: int, num_groups: int = 2) 
     }
 
 
-def statistics_mask(module: nn.Module, shape: tuple[int, int, int, int], n: int = 0, c: int = 0) -> np.ndarray:
+def statistics_mask(module: nn.Module, shape: tuple[int, int, int, int], n: int = 0, c: int = 0,
+                    seed: int = 0) -> np.ndarray:
     """Which (example, channel) cells share statistics with cell (n, c): measured, not declared.
 
-    Perturbs x[n, c] (all its positions) and returns a boolean (N, C) array, True where the output changed, with the
-    module in training mode. For BN that is channel c of every example; for LayerNorm every channel of example n.
+    Perturbs x[n, c] (all its positions) of a standard normal x drawn with `seed`, and returns a boolean (N, C) array,
+    True where the output changed, with the module in training mode. For BN that is channel c of every example; for
+    LayerNorm every channel of example n.
     """
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator, dtype=torch.float64)
     bumped = x.clone()
     bumped[n, c] = bumped[n, c] * 3.0 + 1.0
-    module = copy.deepcopy(module).train()
-    with torch.no_grad():
+    with torch.no_grad(), frozen_buffers(module):
         change = (module(bumped) - module(x)).abs().flatten(2).amax(dim=2)  # (N, C)
     changed = (change > 1e-9).numpy()
     changed[n, c] = True  # the perturbed cell itself (it changes however it is normalized)
@@ -116,6 +123,23 @@ class FamilyRow:
     train_eval_gap: float
 
 
+@dataclass(frozen=True)
+class FamilyConfig:
+    """`family_properties`' setting: batches of shape (N, C, H, W), in float64, drawn with `seed`.
+
+    Channel c's values are ``offset_c + noise_std * N(0, 1)`` with ``offset_c ~ offset_std * N(0, 1)``: means far from
+    0, so that running statistics that have not converged (BN's, after `warmup_batches` training batches with momentum
+    0.1) differ visibly from the batch's. GroupNorm uses `num_groups` groups.
+    """
+
+    shape: tuple[int, int, int, int] = (8, 4, 5, 5)
+    seed: int = 0
+    num_groups: int = 2
+    offset_std: float = 3.0
+    noise_std: float = 2.0
+    warmup_batches: int = 3
+
+
 _REDUCES_OVER = {
     "bn": "(N, H, W) per channel",
     "ln": "(C, H, W) per example",
@@ -125,27 +149,29 @@ _REDUCES_OVER = {
 }
 
 
-def family_properties(shape: tuple[int, int, int, int] = (8, 4, 5, 5), seed: int = 0) -> list[FamilyRow]:
+def family_properties(config: FamilyConfig = FamilyConfig()) -> list[FamilyRow]:
     """Measure batch dependence, batch-1 behaviour and the train/eval gap of each normalizer of `FAMILY` in float64.
 
-    shape: (N, C, H, W) of the batches. The inputs have channel means far from 0, so that running statistics that
-    have not converged (BN's, after a few batches with momentum 0.1) differ visibly from the batch's.
+    Returns one `FamilyRow` per normalizer, in `FAMILY` order.
     """
+    if not isinstance(config, FamilyConfig):
+        raise TypeError(f"config must be a FamilyConfig, got {type(config).__name__}")
+    shape = config.shape
     n, channels, height, width = shape
-    generator = torch.Generator().manual_seed(seed)
-    offsets = 3.0 * torch.randn(1, channels, 1, 1, generator=generator, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(config.seed)
+    offsets = config.offset_std * torch.randn(1, channels, 1, 1, generator=generator, dtype=torch.float64)
 
     def batch() -> Tensor:
-        return offsets + 2.0 * torch.randn(shape, generator=generator, dtype=torch.float64)
+        return offsets + config.noise_std * torch.randn(shape, generator=generator, dtype=torch.float64)
 
     rows = []
-    for name, module in family_modules(channels, height, width).items():
+    for name, module in family_modules(channels, height, width, config.num_groups).items():
         with torch.no_grad():
             module.weight.copy_(1.0 + 0.5 * torch.randn(module.weight.shape, generator=generator, dtype=torch.float64))
             if getattr(module, "bias", None) is not None:
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator, dtype=torch.float64))
             module.train()
-            for _ in range(3):  # a few training-mode batches: BN's running statistics move (and nothing else has any)
+            for _ in range(config.warmup_batches):  # a few training-mode batches: BN's running statistics move (and nothing else has any)
                 module(batch())
             x = batch()
             other = x.clone()
@@ -188,52 +214,6 @@ def load_digit_images(size: int = 16, device: torch.device | str | None = None) 
     return data.to(device) if device is not None else data
 
 
-def convnet(
-    norm: str = "none",
-    channels: Sequence[int] = (16, 32),
-    placement: str = "before",
-    image_size: int = 16,
-    n_classes: int = 10,
-    seed: int = 0,
-) -> nn.Sequential:
-    """``[Conv3x3 -> norm -> ReLU -> MaxPool2] * len(channels) -> Linear``: a LeNet-sized network for 1-channel images.
-
-    norm: a name of `SPATIAL_NORMS` (``"bn"``, ``"gn"``, ``"ln"``, ``"in"``, ``"none"``).
-    placement: ``"before"`` the nonlinearity (Ioffe & Szegedy, 2015, Section 3.2) or ``"after"`` it
-    (Conv -> ReLU -> norm). A convolution followed directly by a normalizer has no bias (the normalizer's beta
-    replaces it); otherwise it has one.
-    seed: the initialization (PyTorch's default distribution) is drawn from a generator seeded here.
-
-    >>> [type(m).__name__ for m in convnet("bn")][:4]
-    ['Conv2d', 'BatchNorm2d', 'ReLU', 'MaxPool2d']
-    """
-    if placement not in ("before", "after"):
-        raise ValueError(f"placement must be 'before' or 'after' (the nonlinearity), got {placement!r}")
-    if image_size % (2 ** len(channels)):
-        raise ValueError(f"image_size={image_size} must be divisible by 2**len(channels)={2 ** len(channels)}")
-    generator = torch.Generator().manual_seed(seed)
-    layers: list[nn.Module] = []
-    in_channels = 1
-    for out_channels in channels:
-        conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none" or placement == "after")
-        norm_layer = make_norm(norm, out_channels, spatial=True)
-        pair = [norm_layer, nn.ReLU()] if placement == "before" else [nn.ReLU(), norm_layer]
-        layers += [conv, *pair, nn.MaxPool2d(2)]
-        in_channels = out_channels
-    side = image_size // 2 ** len(channels)
-    layers += [nn.Flatten(), nn.Linear(in_channels * side * side, n_classes)]
-    model = nn.Sequential(*layers)
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                fan_in = layer.weight[0].numel()
-                bound = 1.0 / math.sqrt(fan_in)  # PyTorch's default kaiming_uniform_(a=sqrt(5)), from our generator
-                layer.weight.uniform_(-bound, bound, generator=generator)
-                if layer.bias is not None:
-                    layer.bias.uniform_(-bound, bound, generator=generator)
-    return model
-
-
 def lr_sweep(
     builders: dict[str, Callable[[], nn.Module]], data: Dataset, lrs: Sequence[float], config: TrainConfig
 ) -> dict[str, dict[float, History]]:
@@ -258,75 +238,6 @@ def largest_good_lr(histories: dict[float, History], target: float) -> float | N
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class PreActBlock(nn.Module):
-    """A pre-activation residual block (He et al., 2016): x + W2 relu(norm2(W1 relu(norm1(x)))).
-
-    The Linears have no bias and He-normal weights (std sqrt(2 / width)), so that without normalization each branch
-    has the variance of its input and the stream's variance doubles per block (De & Smith, 2020). With BN, each
-    branch has variance ~1 at initialization and the stream's variance grows by ~1 per block.
-    zero_init_last_gamma: gamma (and beta) of norm2, the branch's last normalization, start at 0, so that the branch
-    is exactly 0 and the block is the identity at initialization (Goyal et al., 2017).
-    """
-
-    def __init__(self, width: int, norm: str, zero_init_last_gamma: bool, generator: torch.Generator) -> None:
-        super().__init__()
-        self.norm1 = make_norm(norm, width)
-        self.linear1 = nn.Linear(width, width, bias=False)
-        self.norm2 = make_norm(norm, width)
-        self.linear2 = nn.Linear(width, width, bias=False)
-        with torch.no_grad():
-            for linear in (self.linear1, self.linear2):
-                linear.weight.normal_(0.0, math.sqrt(2.0 / width), generator=generator)
-            if zero_init_last_gamma:
-                if not hasattr(self.norm2, "weight"):
-                    raise ValueError(f"zero_init_last_gamma needs a normalization with a gamma, got norm={norm!r}")
-                self.norm2.weight.zero_()
-                self.norm2.bias.zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        branch = self.linear1(F.relu(self.norm1(x)))
-        branch = self.linear2(F.relu(self.norm2(branch)))
-        return x + branch
-
-
-class ResidualMLP(nn.Module):
-    """embed (Linear) -> `depth` `PreActBlock`s -> norm -> ReLU -> Linear classifier."""
-
-    def __init__(self, in_features: int, width: int, depth: int, n_classes: int, norm: str,
-                 zero_init_last_gamma: bool, seed: int) -> None:
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.embed = nn.Linear(in_features, width)
-        self.blocks = nn.ModuleList(PreActBlock(width, norm, zero_init_last_gamma, generator) for _ in range(depth))
-        self.head_norm = make_norm(norm, width)
-        self.head = nn.Linear(width, n_classes)
-        with torch.no_grad():
-            for linear in (self.embed, self.head):
-                bound = 1.0 / math.sqrt(linear.in_features)
-                linear.weight.uniform_(-bound, bound, generator=generator)
-                linear.bias.zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.embed(x)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(F.relu(self.head_norm(h)))
-
-
-def residual_mlp(in_features: int = 64, width: int = 64, depth: int = 16, n_classes: int = 10, norm: str = "bn",
-                 zero_init_last_gamma: bool = False, seed: int = 0) -> ResidualMLP:
-    """A residual network of `depth` pre-activation blocks for flat inputs (N, in_features); see `PreActBlock`.
-
-    >>> model = residual_mlp(depth=3, norm="bn", zero_init_last_gamma=True)
-    >>> x = torch.randn(5, 64)
-    >>> bool(torch.equal(model.blocks[0](x), x))  # the zero-gamma block is the identity
-    True
-    """
-    if depth < 1:
-        raise ValueError(f"depth must be at least 1, got {depth!r}")
-    return ResidualMLP(in_features, width, depth, n_classes, norm, zero_init_last_gamma, seed)
-
-
 @torch.no_grad()
 def stream_mean_square(blocks: Sequence[nn.Module], x: Tensor) -> np.ndarray:
     """The mean square of the residual stream after each block: (len(blocks) + 1,), entry 0 the input's.
@@ -349,53 +260,90 @@ def stream_mean_square(blocks: Sequence[nn.Module], x: Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def padding_experiment(
-    lengths: Sequence[int] = (3, 7, 12, 5), pad_to: Sequence[int] = (12, 24), features: int = 16, seed: int = 0
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class PaddingConfig:
+    """`padding_experiment`'s setting: len(lengths) sequences of token vectors (features,), ``1 + N(0, 1)`` drawn with
+    `seed`, zero-padded to each length in `pad_to`."""
+
+    lengths: tuple[int, ...] = (3, 7, 12, 5)
+    pad_to: tuple[int, ...] = (12, 24)
+    features: int = 16
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PaddingResult:
+    """Per normalizer, the max |difference| over the real tokens between the shortest and the longest padding; and
+    the fraction of the batch that is padding in each case."""
+
+    bn: float
+    ln: float
+    rms: float
+    pad_fraction_short: float
+    pad_fraction_long: float
+
+
+def padding_experiment(config: PaddingConfig = PaddingConfig()) -> PaddingResult:
     """How much the outputs at the REAL tokens change when the same batch is padded to a different length.
 
-    A batch of len(lengths) sequences of token vectors (features,), padded with zeros to each length in `pad_to`.
     BN (`bnnotes.torch_bn.BatchNorm1d` on (N, features, T), statistics over every position of every sequence, the
     padding included) against ``nn.LayerNorm(features)`` (per token) and ``nn.RMSNorm(features)``.
-    Returns {name: max |difference|} over the real tokens between the shortest and the longest padding, and the
-    fraction of padding in each case.
     """
+    lengths, pad_to, features = config.lengths, config.pad_to, config.features
     if max(lengths) > min(pad_to):
         raise ValueError(f"every length must fit in the shortest padding: lengths={lengths}, pad_to={pad_to}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(config.seed)
     tokens = [1.0 + torch.randn(length, features, generator=generator, dtype=torch.float64) for length in lengths]
-    bn = make_norm("bn", features).double().train()
-    ln = nn.LayerNorm(features).double()
-    rms = nn.RMSNorm(features, eps=1e-5).double()
-    outputs: dict[str, list[Tensor]] = {"bn": [], "ln": [], "rms": []}
+    norms = {"bn": make_norm("bn", features).double().train(), "ln": nn.LayerNorm(features).double(),
+             "rms": nn.RMSNorm(features, eps=1e-5).double()}
+    outputs: dict[str, list[Tensor]] = {name: [] for name in norms}
     with torch.no_grad():
         for total in pad_to:
             batch = torch.zeros(len(lengths), total, features, dtype=torch.float64)  # (N, T, D)
             for i, sequence in enumerate(tokens):
                 batch[i, : len(sequence)] = sequence
-            outputs["bn"].append(bn(batch.transpose(1, 2)).transpose(1, 2))  # BN over (N, T) per feature
-            outputs["ln"].append(ln(batch))
-            outputs["rms"].append(rms(batch))
-    real = torch.zeros(len(lengths), min(pad_to), dtype=torch.bool)
+            outputs["bn"].append(norms["bn"](batch.transpose(1, 2)).transpose(1, 2))  # BN over (N, T) per feature
+            outputs["ln"].append(norms["ln"](batch))
+            outputs["rms"].append(norms["rms"](batch))
+    t = min(pad_to)
+    real = torch.zeros(len(lengths), t, dtype=torch.bool)
     for i, length in enumerate(lengths):
         real[i, :length] = True
-    result = {}
-    for name, (short, long) in ((k, (v[0], v[-1])) for k, v in outputs.items()):
-        t = min(pad_to)
-        result[name] = float((short[:, :t][real] - long[:, :t][real]).abs().max())
-    result["pad_fraction_short"] = 1.0 - sum(lengths) / (len(lengths) * min(pad_to))
-    result["pad_fraction_long"] = 1.0 - sum(lengths) / (len(lengths) * max(pad_to))
-    return result
+    change = {name: float((v[0][:, :t][real] - v[-1][:, :t][real]).abs().max()) for name, v in outputs.items()}
+    return PaddingResult(
+        **change,
+        pad_fraction_short=1.0 - sum(lengths) / (len(lengths) * min(pad_to)),
+        pad_fraction_long=1.0 - sum(lengths) / (len(lengths) * max(pad_to)),
+    )
 
 
-def ln_stream_mean_square(depth: int = 24, width: int = 64, n: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class LNStreamConfig:
+    """`ln_stream_mean_square`'s setting: `depth` blocks of `width` features on n standard normal inputs; the inputs,
+    then the weights, drawn with `seed`."""
+
+    depth: int = 24
+    width: int = 64
+    n: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LNStream:
+    """E[h^2] over the batch and the features after each block, entry 0 the input's: pre, post (depth + 1,)."""
+
+    pre: np.ndarray
+    post: np.ndarray
+
+
+def ln_stream_mean_square(config: LNStreamConfig = LNStreamConfig()) -> LNStream:
     """The residual stream's mean square (see `stream_mean_square`) with depth, at initialization, pre-LN and post-LN.
 
     Each block's branch is Linear -> ReLU -> Linear (He-normal weights, no bias), the feed-forward half of a
     transformer layer. Pre-LN: h + f(LN(h)); post-LN: LN(h + f(h)) (Xiong et al., 2020).
-    Returns {"pre": (depth + 1,), "post": (depth + 1,)}: E[h^2] over the batch and the features after each block.
     """
-    generator = torch.Generator().manual_seed(seed)
+    depth, width, n = config.depth, config.width, config.n
+    generator = torch.Generator().manual_seed(config.seed)
     x = torch.randn(n, width, generator=generator)
     weights = [(torch.randn(width, width, generator=generator) * math.sqrt(2.0 / width),
                 torch.randn(width, width, generator=generator) * math.sqrt(2.0 / width)) for _ in range(depth)]
@@ -414,7 +362,7 @@ def ln_stream_mean_square(depth: int = 24, width: int = 64, n: int = 512, seed: 
             h = h + branch(layer_norm(h), w1, w2) if kind == "pre" else layer_norm(h + branch(h, w1, w2))
             mean_squares.append(float(h.pow(2).mean()))
         result[kind] = np.array(mean_squares)
-    return result
+    return LNStream(**result)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -422,21 +370,45 @@ def ln_stream_mean_square(depth: int = 24, width: int = 64, n: int = 512, seed: 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def dropout_variance_shift(p: float = 0.5, mean: float = 1.0, std: float = 1.0, features: int = 64,
-                           batch_size: int = 64, steps: int = 200, seed: int = 0) -> dict[str, float]:
+@dataclass(frozen=True)
+class DropoutShiftConfig:
+    """`dropout_variance_shift`'s setting: inputs ``mean + std * N(0, 1)`` of `features` features, through Dropout(p)
+    into BN for `steps` training batches of `batch_size`, then `eval_examples` at inference; inputs drawn with `seed`,
+    and dropout's masks from the global generator seeded with `seed` (restored afterwards)."""
+
+    p: float = 0.5
+    mean: float = 1.0
+    std: float = 1.0
+    features: int = 64
+    batch_size: int = 64
+    steps: int = 200
+    seed: int = 0
+    eval_examples: int = 4096
+
+
+@dataclass(frozen=True)
+class DropoutShift:
+    """The ratio var_inference / running_var (median over features), predicted by Li et al. (2019) and measured, and
+    the measured standard deviation of BN's output at inference (1 if there were no shift)."""
+
+    predicted_ratio: float
+    measured_ratio: float
+    eval_output_std: float
+
+
+def dropout_variance_shift(config: DropoutShiftConfig = DropoutShiftConfig()) -> DropoutShift:
     """Dropout(p) -> BN: the variance BN learns in training against the variance it sees at inference.
 
-    Inputs a ~ N(mean, std^2) per feature. In training, inverted dropout keeps a with probability 1 - p and scales it
-    by 1 / (1 - p), so its variance is (std^2 + mean^2) / (1 - p) - mean^2 (Li et al., 2019); at inference
-    dropout is the identity, and the variance is std^2. BN's running variance records the first.
-    Returns the predicted and measured ratios var_inference / running_var (median over features), and the measured
-    standard deviation of BN's output at inference (1 if there were no shift).
+    In training, inverted dropout keeps an input a with probability 1 - p and scales it by 1 / (1 - p), so its
+    variance is (std^2 + mean^2) / (1 - p) - mean^2 (Li et al., 2019); at inference dropout is the identity, and the
+    variance is std^2. BN's running variance records the first.
     """
+    p, mean, std, features = config.p, config.mean, config.std, config.features
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must be in [0, 1), got {p!r}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(config.seed)
     torch_generator_state = torch.random.get_rng_state()  # dropout draws from the global generator: restore it after
-    torch.manual_seed(seed)
+    torch.manual_seed(config.seed)
     try:
         dropout = nn.Dropout(p)
         bn = make_norm("bn", features)
@@ -444,25 +416,26 @@ def dropout_variance_shift(p: float = 0.5, mean: float = 1.0, std: float = 1.0, 
         dropout.train()
         bn.train()
         with torch.no_grad():
-            for _ in range(steps):
-                bn(dropout(mean + std * torch.randn(batch_size, features, generator=generator)))
+            for _ in range(config.steps):
+                bn(dropout(mean + std * torch.randn(config.batch_size, features, generator=generator)))
             dropout.eval()
             bn.eval()
-            x = mean + std * torch.randn(4096, features, generator=generator)
+            x = mean + std * torch.randn(config.eval_examples, features, generator=generator)
             y = bn(dropout(x))
     finally:
         torch.random.set_rng_state(torch_generator_state)
     train_var = (std**2 + mean**2) / (1.0 - p) - mean**2
-    measured = float(torch.median(x.var(dim=0) / bn.running_var))
-    return {
-        "predicted_ratio": std**2 / train_var,
-        "measured_ratio": measured,
-        "eval_output_std": float(y.std(dim=0).median()),
-    }
+    return DropoutShift(
+        predicted_ratio=std**2 / train_var,
+        measured_ratio=float(torch.median(x.var(dim=0) / bn.running_var)),
+        eval_output_std=float(y.std(dim=0).median()),
+    )
 
 
-def dropout_before_bn_mlp(p: float = 0.5, hidden: Sequence[int] = (100, 100, 100), seed: int = 0) -> nn.Sequential:
-    """``[Linear -> Dropout(p) -> BN -> ReLU] * len(hidden) -> Linear`` for the 64-pixel digits: dropout before BN.
+def dropout_before_bn_mlp(p: float = 0.5, hidden: Sequence[int] = (100, 100, 100), seed: int = 0,
+                          in_features: int = 64, n_classes: int = 10) -> nn.Sequential:
+    """``[Linear -> Dropout(p) -> BN -> ReLU] * len(hidden) -> Linear`` (for the 64-pixel digits by default):
+    dropout before BN.
 
     The initialization is PyTorch's default, drawn under ``torch.manual_seed(seed)`` inside a forked RNG state (the
     global generator is left as it was). Dropout itself draws from the global generator during training.
@@ -472,11 +445,11 @@ def dropout_before_bn_mlp(p: float = 0.5, hidden: Sequence[int] = (100, 100, 100
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layers: list[nn.Module] = []
-        width_in = 64
+        width_in = in_features
         for width in hidden:
             layers += [nn.Linear(width_in, width, bias=False), nn.Dropout(p), make_norm("bn", width), nn.ReLU()]
             width_in = width
-        layers.append(nn.Linear(width_in, 10))
+        layers.append(nn.Linear(width_in, n_classes))
         return nn.Sequential(*layers)
 
 
@@ -513,33 +486,21 @@ def variance_shift_in(model: nn.Sequential, x: Tensor) -> dict[str, float]:
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-    """Whether `module` is a BN layer with running statistics (torch.nn's or bnnotes.torch_bn's)."""
-    return (
-        hasattr(module, "running_mean")
-        and hasattr(module, "reset_running_stats")
-        and getattr(module, "track_running_stats", True)
-        and module.running_mean is not None
-    )
+    """Whether `module` itself is a normalization layer with running statistics (`stats.norm_layers`' kind)."""
+    layers = norm_layers(module)
+    return bool(layers) and layers[0] is module
 
 
-@torch.no_grad()
 def precise_bn(model: nn.Module, x: Tensor, batch_size: int = 60) -> nn.Module:
     """A copy of `model` whose BN running statistics are recomputed for its current weights ("precise BN").
 
-    Every BN layer's running statistics are reset and replaced by the cumulative average (momentum None) over
-    consecutive batches of x (N, ...), the whole training split in practice (Izmailov et al., 2018;
-    Wu & Johnson, 2021). Everything but BN runs in eval mode meanwhile, so that dropout is off, as at inference
-    (the repair Li et al., 2019 discuss for dropout before BN). The input model is not changed. Returns the copy,
-    in eval mode.
+    Every BN layer's running statistics are reset and replaced by the cumulative average over consecutive batches of
+    x (N, ...), the whole training split in practice (Izmailov et al., 2018; Wu & Johnson, 2021). Everything but BN
+    runs in eval mode meanwhile, so that dropout is off, as at inference (the repair Li et al., 2019 discuss for
+    dropout before BN). The input model is not changed. Returns the copy, in eval mode.
     """
-    fresh = copy.deepcopy(model).eval()  # the inference-time network: dropout and other noise switched off ...
-    for module in fresh.modules():
-        if is_batch_norm(module):
-            module.reset_running_stats()
-            module.momentum = None
-            module.train()  # ... except BN, which normalizes with batch statistics and accumulates them
-    for start in range(0, x.shape[0] - batch_size + 1, batch_size):
-        fresh(x[start : start + batch_size])
+    fresh = copy.deepcopy(model)
+    population_statistics(fresh, x, batch_size, seed=None, in_place=True, only_norms_train=True)
     return fresh.eval()
 
 
@@ -581,13 +542,3 @@ def magnitude_prune(model: nn.Module, fraction: float) -> nn.Module:
                 threshold = magnitudes.kthvalue(k).values
                 module.weight[module.weight.abs() <= threshold] = 0.0
     return pruned.eval()
-
-
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Test accuracy of `model` in eval mode (running statistics); the model's mode is restored."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x).argmax(dim=1) == y).float().mean())
-    model.train(was_training)
-    return acc

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnnotes.experiments.data import Dataset, batch_indices
+from bnnotes.experiments.stats import frozen_buffers
 from bnnotes.notebook import heartbeat
 
 __all__ = ["TrainConfig", "History", "train", "evaluate", "steps_to_accuracy"]
@@ -58,17 +59,17 @@ class History:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eval_mode: bool = True) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) of `model` on (x, y), in eval mode by default; the mode is restored after.
 
-    In train mode (eval_mode=False) the whole split is one batch and running statistics are left untouched.
+    In train mode (eval_mode=False) the whole split is one batch, inside `frozen_buffers`: the running statistics are
+    left untouched.
     """
-    was_training = model.training
-    saved = None
-    if not eval_mode:
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train(not eval_mode)
-    logits = model(x)
-    model.train(was_training)
-    if saved is not None:
-        model.load_state_dict(saved)
+    if eval_mode:
+        was_training = model.training
+        model.eval()
+        logits = model(x)
+        model.train(was_training)
+    else:
+        with frozen_buffers(model):
+            logits = model(x)
     loss = F.cross_entropy(logits, y).item()
     acc = (logits.argmax(dim=1) == y).float().mean().item()
     return loss, acc

@@ -1,78 +1,22 @@
-"""bnnotes.experiments.distributed: the launcher (errors, timeouts, clean-up), the measurements and the experiments.
+"""bnnotes.experiments.data_parallel: the measurements and the experiments (the launcher: test_launch.py).
 
 The chapter asserts the experiments' claims at full size; here they run small, to check the machinery.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import time
-
 import numpy as np
 import pytest
-import torch
-import torch.distributed as dist
-from torch import nn
 
-from bnnotes.experiments import distributed
-from bnnotes.experiments.distributed import (
+from bnnotes.experiments import data_parallel
+from bnnotes.experiments.data_parallel import (
     CommunicationConfig,
     DataParallelConfig,
     GhostConfig,
-    SplitBatch,
     compare_data_parallel_bn,
     ghost_batch_sweep,
-    launch,
     measure_communication,
 )
-
-
-def _bad_batch_on_rank_zero(rank: int, world_size: int) -> None:
-    """Rank 0 gives SplitBatch a batch it cannot split; rank 1 then waits for rank 0 in a collective forever."""
-    model = SplitBatch(nn.Linear(2, 2))
-    model(torch.randn(3 if rank == 0 else 4, 2))
-    dist.barrier()
-
-
-def _sleep(rank: int, world_size: int, seconds: float) -> None:
-    time.sleep(seconds)
-
-
-@pytest.mark.timeout(120)
-def test_launch_reports_a_failing_rank_and_stops_the_one_left_waiting():
-    expected = r"(?s)rank 0 of 2 failed.*batch size 3 is not a multiple of the world size 2"
-    with pytest.raises(RuntimeError, match=expected):
-        launch(_bad_batch_on_rank_zero, 2, timeout=90)
-    assert multiprocessing.active_children() == []
-
-
-@pytest.mark.timeout(60)
-def test_launch_times_out_and_cleans_up():
-    with pytest.raises(TimeoutError, match="did not finish within 3"):
-        launch(_sleep, 2, (600.0,), timeout=3)
-    assert multiprocessing.active_children() == []
-
-
-def _local_function(rank: int, world_size: int) -> None:
-    pass
-
-
-@pytest.mark.parametrize("worker", [lambda rank, world_size: None, "not callable"])
-def test_launch_rejects_workers_spawn_cannot_import(worker):
-    with pytest.raises((ValueError, TypeError), match="top-level function|callable"):
-        launch(worker, 2)
-
-
-def test_launch_rejects_a_function_of_main():
-    def worker(rank, world_size):
-        return None
-
-    worker.__module__ = "__main__"
-    worker.__qualname__ = "worker"
-    with pytest.raises(ValueError, match="cannot import __main__"):
-        launch(worker, 2)
-    with pytest.raises(ValueError, match="world_size must be a positive integer"):
-        launch(_local_function, 0)
 
 
 @pytest.mark.timeout(120)
@@ -92,7 +36,7 @@ def test_measure_communication_records_one_forward_and_one_backward_collective_p
 
 def test_round_once_rejects_an_unknown_variant():
     with pytest.raises(ValueError, match="one_round"):
-        distributed.round_once("three_rounds", {})
+        data_parallel.round_once("three_rounds", {})
 
 
 @pytest.mark.timeout(150)
@@ -121,10 +65,3 @@ def test_ghost_batch_sweep_small():
         ghost_batch_sweep(GhostConfig(batch_size=8, virtual_batch_sizes=(2, 3)), device="cpu")
     with pytest.raises(TypeError, match="GhostConfig"):
         ghost_batch_sweep(DataParallelConfig())
-
-
-def test_recorded_collectives_restores_the_originals():
-    originals = (dist.all_reduce, dist.all_gather)
-    with distributed.recorded_collectives() as calls:
-        assert dist.all_reduce is not originals[0] and dist.all_gather is not originals[1]
-    assert (dist.all_reduce, dist.all_gather) == originals and calls == []

@@ -1,8 +1,8 @@
 """Experiments of the data-parallel chapter: real multi-process runs over ``torch.distributed`` on one machine.
 
-- `launch` runs a function in `world_size` fresh processes that form a gloo process group over the loopback
-  interface, and returns what each rank returned. It cleans up after itself: on an error or a timeout every process
-  is terminated, and every process is joined.
+The processes are started by `bnnotes.experiments.launch.launch`, and `recorded_collectives` (same module) records
+what SyncBN sends.
+
 - `SplitBatch` makes the course's one training loop (`bnnotes.experiments.train`) data-parallel: every rank computes
   its slice of each batch, and the outputs are gathered back so that every rank computes the loss of the whole batch.
 - `measure_communication` counts and times what `SyncBatchNorm` sends, and times its one round against two;
@@ -16,20 +16,10 @@ Spawned processes import the function they run by its module, so workers live he
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import pickle
-import queue
-import socket
 import statistics
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -37,16 +27,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bnnotes import notebook
 from bnnotes.experiments.data import Dataset, load_digits
+from bnnotes.experiments.launch import launch, recorded_collectives
 from bnnotes.experiments.models import mlp
 from bnnotes.experiments.training import History, TrainConfig, evaluate, train
 from bnnotes.ghost import GhostBatchNorm1d
 from bnnotes.sync import DistributedDataParallel, convert_sync_batchnorm
 
 __all__ = [
-    "launch",
-    "recorded_collectives",
     "SplitBatch",
     "CommunicationConfig",
     "CommunicationCost",
@@ -60,193 +48,6 @@ __all__ = [
     "GhostResult",
     "ghost_batch_sweep",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Launching a process group on one machine.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _loopback_interface() -> str | None:
-    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), for gloo's GLOO_SOCKET_IFNAME."""
-    try:
-        names = {name for _, name in socket.if_nameindex()}
-    except (AttributeError, OSError):
-        return None
-    return next((name for name in ("lo", "lo0") if name in names), None)
-
-
-def _run_rank(
-    rank: int,
-    world_size: int,
-    port: int,
-    worker: Callable[..., Any],
-    args: tuple,
-    threads: int,
-    timeout: float,
-    results: Any,
-) -> None:
-    """The body of one spawned process: join the group, run `worker`, report (rank, ok, payload) on `results`."""
-    os.environ.pop("BNNOTES_PROGRESS", None)  # a rank's output does not reach the notebook; the parent reports
-    interface = _loopback_interface()
-    if interface is not None:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)  # keep gloo's traffic on the loopback interface
-    torch.set_num_threads(threads)
-    try:
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timedelta(seconds=timeout))
-        dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
-        )
-        value = worker(rank, world_size, *args)
-        # Plain pickle copies tensors by value; torch's multiprocessing reducers would share memory with a process
-        # that is about to exit.
-        results.put((rank, True, pickle.dumps(value)))
-    except BaseException:  # report everything, including KeyboardInterrupt, so the parent can stop the others
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    results.close()
-    results.join_thread()  # the report is in the pipe
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip the interpreter's teardown, which took seconds here after DDP and gloo had run, for nothing: the report
-    # is delivered and the process group destroyed.
-    os._exit(0)
-
-
-def launch(
-    worker: Callable[..., Any], world_size: int, args: Sequence[Any] = (), timeout: float = 120.0, threads: int = 1
-) -> list[Any]:
-    """Run ``worker(rank, world_size, *args)`` in `world_size` new processes joined in a gloo process group.
-
-    The processes are started with the ``spawn`` method and rendezvous at a TCP store that this process serves on
-    127.0.0.1, at a port the operating system picks (binding port 0), so no port can be taken by someone else between
-    choosing and binding it; gloo is pointed at the loopback interface, so nothing listens beyond it.
-    worker: a function defined at the top level of an importable module (the children import it by name).
-    timeout: seconds for the whole run and for every collective. threads: torch threads per process.
-    Returns the list of the ranks' return values (rank order). A failing rank raises RuntimeError with its traceback;
-    a run past `timeout` raises TimeoutError. Either way, and on success, every process is joined, and terminated
-    first if it is still running.
-
-    Example: with ``def rank_sum(rank, world_size): t = torch.tensor([rank]); dist.all_reduce(t); return t.item()``
-    in an importable module, ``launch(rank_sum, 3)`` returns ``[3, 3, 3]``.
-    """
-    if not callable(worker):
-        raise TypeError(f"worker must be a callable, got {type(worker).__name__}")
-    if getattr(worker, "__module__", "__main__") == "__main__" or "<" in getattr(worker, "__qualname__", "<"):
-        raise ValueError(
-            f"worker {getattr(worker, '__qualname__', worker)!r} must be a top-level function of an importable "
-            "module: spawned processes import it by name, and cannot import __main__ (a notebook or script)"
-        )
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    # The rendezvous server listens on a socket bound to 127.0.0.1 only (TCPStore's own would listen on every
-    # interface), at a port the operating system picks; the store takes the socket over and closes it.
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    # use_libuv=False: the libuv backend, the default from torch 2.4, cannot take over a listening socket before 2.8
-    # ("The libuv TCPStore backend does not support initialization with an listen fd", measured on 2.7.1); the
-    # classic backend can, on every torch from 2.2 to 2.13.
-    # The classic backend checks that the socket is bound to the port it is given, so it gets the bound one.
-    port = listener.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, None, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=timeout), master_listen_fd=listener.detach(), use_libuv=False)
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    processes = [
-        context.Process(
-            target=_run_rank,
-            args=(rank, world_size, store.port, worker, tuple(args), threads, timeout, results),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    deadline = time.monotonic() + timeout
-    try:
-        for process in processes:
-            process.start()
-        outcomes: dict[int, Any] = {}
-        started = time.monotonic()
-        while len(outcomes) < world_size:
-            # The Colab edition's progress (BNNOTES_PROGRESS): the ranks' own output does not reach the notebook.
-            notebook.heartbeat(lambda runs: f"{worker.__name__}: {len(outcomes)} of {world_size} ranks done, "
-                                            f"{time.monotonic() - started:.0f} s into this launch")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"the {world_size} ranks did not finish within {timeout} s")
-            try:
-                rank, ok, payload = results.get(timeout=min(remaining, 1.0))
-            except queue.Empty:
-                silent = [r for r, p in enumerate(processes) if p.exitcode is not None and r not in outcomes]
-                if silent:
-                    codes = [processes[r].exitcode for r in silent]
-                    raise RuntimeError(
-                        f"rank(s) {silent} exited (exit codes {codes}) without reporting a result; their standard "
-                        "error says why (spawn cannot start processes from a parent that reads its script from stdin)"
-                    )
-                continue
-            if not ok:
-                # The first report may be a rank that lost its peer ("Connection closed by peer"); wait briefly for
-                # the others, so the rank that failed first is in the message too.
-                failures = {rank: payload}
-                grace = time.monotonic() + 3.0
-                while len(failures) + len(outcomes) < world_size and time.monotonic() < grace:
-                    try:
-                        other, other_ok, other_payload = results.get(timeout=max(grace - time.monotonic(), 0.01))
-                    except queue.Empty:
-                        break
-                    if not other_ok:
-                        failures[other] = other_payload
-                reports = [f"rank {failed} of {world_size} failed:\n{failures[failed]}" for failed in sorted(failures)]
-                raise RuntimeError("\n".join(reports))
-            outcomes[rank] = pickle.loads(payload)
-        for process in processes:
-            process.join(max(deadline - time.monotonic(), 5.0))
-        return [outcomes[rank] for rank in range(world_size)]
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-        for process in processes:
-            if process.pid is None:
-                continue  # never started
-            process.join(5.0)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        results.close()
-        results.cancel_join_thread()
-        del store
-
-
-@contextmanager
-def recorded_collectives() -> Iterator[list[tuple[str, int]]]:
-    """Record every ``torch.distributed.all_reduce`` and ``all_gather`` called inside the block.
-
-    Yields the list that ``(name, elements this rank sends)`` pairs are appended to, in call order. `SyncBatchNorm`
-    calls both by those names, so its messages are all recorded; DistributedDataParallel's gradient all-reduces run
-    in C++ and are not.
-    """
-    calls: list[tuple[str, int]] = []
-    originals = {"all_reduce": dist.all_reduce, "all_gather": dist.all_gather}
-
-    def recording(name: str) -> Callable[..., Any]:
-        def collective(*args: Any, **kwargs: Any) -> Any:
-            sent = args[0] if name == "all_reduce" else args[1]  # all_gather(tensor_list, tensor, ...)
-            calls.append((name, sent.numel()))
-            return originals[name](*args, **kwargs)
-
-        return collective
-
-    for name in originals:
-        setattr(dist, name, recording(name))
-    try:
-        yield calls
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -310,7 +111,9 @@ class CommunicationConfig:
 
     hidden: the hidden widths (the BN layers' channel counts C). per_rank_batch: rows per rank.
     repeats: timed rounds per variant and channel count (interleaved); step_repeats: timed training steps per variant
-    (interleaved). timeout: seconds for the whole run.
+    (interleaved); each after `warmup_rounds` / `warmup_steps` untimed ones. timeout: seconds for the whole run.
+    in_features: the width of the random inputs, rank r's drawn with seed ``input_seed + r``; model_seed: the
+    initialization of every model.
     """
 
     world_size: int = 2
@@ -319,6 +122,11 @@ class CommunicationConfig:
     repeats: int = 100
     step_repeats: int = 40
     timeout: float = 120.0
+    in_features: int = 64
+    model_seed: int = 0
+    input_seed: int = 0
+    warmup_rounds: int = 10
+    warmup_steps: int = 3
 
 
 #: The forward-pass communication of the two algorithms, by name (see `round_once`).
@@ -382,25 +190,45 @@ def round_once(variant: str, buffers: dict[str, list[Tensor]], group: Any = None
 
 
 def _communication_worker(rank: int, world_size: int, config: CommunicationConfig) -> dict[str, Any]:
-    generator = torch.Generator().manual_seed(rank)
-    x = torch.randn(config.per_rank_batch, 64, generator=generator)
+    generator = torch.Generator().manual_seed(config.input_seed + rank)
+    x = torch.randn(config.per_rank_batch, config.in_features, generator=generator)
+    sync_model = convert_sync_batchnorm(_communication_model(config))
+    forward_messages, backward_messages = _record_messages(sync_model, x, len(config.hidden))
+    channels = sorted(set(config.hidden))
+    models = {"per_rank": DistributedDataParallel(_communication_model(config)),
+              "sync": DistributedDataParallel(sync_model)}
+    return {
+        "forward_messages": forward_messages,
+        "backward_messages": backward_messages,
+        "round_us": _time_rounds(channels, world_size, config),
+        "step_ms": _time_steps(models, x, config),
+        "torch_cpu_error": _torch_cpu_error(),
+    }
 
-    # 1. Record the messages of one forward and one backward pass.
-    sync_model = convert_sync_batchnorm(mlp(64, config.hidden, activation="relu", norm="bn", seed=0))
+
+def _communication_model(config: CommunicationConfig) -> nn.Module:
+    return mlp(config.in_features, config.hidden, activation="relu", norm="bn", seed=config.model_seed)
+
+
+def _record_messages(sync_model: nn.Module, x: Tensor, layers: int) -> tuple[list, list]:
+    """The collectives of one forward and one backward pass, per BN layer, in forward order."""
     with recorded_collectives() as forward_calls:
         out = sync_model(x)
     with recorded_collectives() as backward_calls:
         out.square().mean().backward()
-    layers = len(config.hidden)
     if len(forward_calls) != layers or len(backward_calls) != layers:
         raise RuntimeError(f"expected 1 forward and 1 backward collective per layer, got {forward_calls} and "
                            f"{backward_calls} for {layers} layers")
-    forward_messages = [[call] for call in forward_calls]
-    backward_messages = [[call] for call in reversed(backward_calls)]  # the backward visits the layers last to first
+    # the backward visits the layers last to first
+    return [[call] for call in forward_calls], [[call] for call in reversed(backward_calls)]
 
-    # 2. Time the forward's communication with one round and with two, interleaved (the order rotates every repeat,
-    #    identically on every rank, since every rank must make the same calls).
-    channels = sorted(set(config.hidden))
+
+def _time_rounds(channels: list[int], world_size: int, config: CommunicationConfig) -> dict[int, dict[str, float]]:
+    """Median microseconds of the forward's communication with one round and with two, per channel count.
+
+    The cases are interleaved, and the order rotates every repeat, identically on every rank (every rank must make
+    the same calls).
+    """
     buffers = {
         c: {
             "one_round": [torch.zeros(2 * c + 1, dtype=torch.float64) for _ in range(world_size + 1)],
@@ -410,42 +238,36 @@ def _communication_worker(rank: int, world_size: int, config: CommunicationConfi
     }
     cases = [(c, variant) for c in channels for variant in ROUNDS]
     times: dict[tuple[int, str], list[float]] = {case: [] for case in cases}
-    for repeat in range(config.repeats + 10):
+    for repeat in range(config.repeats + config.warmup_rounds):
         shift = repeat % len(cases)
         for c, variant in cases[shift:] + cases[:shift]:
             start = time.perf_counter()
             round_once(variant, buffers[c])
-            if repeat >= 10:  # the first rounds warm up the connections
+            if repeat >= config.warmup_rounds:  # the first rounds warm up the connections
                 times[(c, variant)].append(time.perf_counter() - start)
+    return {c: {v: 1e6 * statistics.median(times[(c, v)]) for v in ROUNDS} for c in channels}
 
-    # 3. Time whole training steps with per-rank and with synchronized BN, interleaved.
-    models = {
-        "per_rank": DistributedDataParallel(mlp(64, config.hidden, activation="relu", norm="bn", seed=0)),
-        "sync": DistributedDataParallel(sync_model),
-    }
+
+def _time_steps(models: dict[str, nn.Module], x: Tensor, config: CommunicationConfig) -> dict[str, float]:
+    """Median milliseconds of one training step (forward, backward, DDP's all-reduce) per model, interleaved."""
     step_times: dict[str, list[float]] = {name: [] for name in models}
-    for repeat in range(config.step_repeats + 3):
+    for repeat in range(config.step_repeats + config.warmup_steps):
         for name, model in models.items():
             start = time.perf_counter()
             model.zero_grad(set_to_none=True)
             model(x).square().mean().backward()
-            if repeat >= 3:
+            if repeat >= config.warmup_steps:
                 step_times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in step_times.items()}
 
-    # 4. What torch's own SyncBatchNorm does with a CPU tensor under this gloo group.
+
+def _torch_cpu_error() -> str | None:
+    """What torch's own SyncBatchNorm says to a CPU tensor under the initialized gloo group (None if it runs)."""
     try:
         nn.SyncBatchNorm(4)(torch.randn(8, 4))
-        torch_cpu_error = None
     except (ValueError, RuntimeError) as error:
-        torch_cpu_error = f"{type(error).__name__}: {error}"
-
-    return {
-        "forward_messages": forward_messages,
-        "backward_messages": backward_messages,
-        "round_us": {c: {v: 1e6 * statistics.median(times[(c, v)]) for v in ROUNDS} for c in channels},
-        "step_ms": {name: 1e3 * statistics.median(t) for name, t in step_times.items()},
-        "torch_cpu_error": torch_cpu_error,
-    }
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def measure_communication(config: CommunicationConfig = CommunicationConfig()) -> CommunicationCost:
@@ -525,8 +347,8 @@ def _digits(dtype: str) -> Dataset:
     return Dataset(data.x_train.to(to), data.y_train, data.x_test.to(to), data.y_test)
 
 
-def _model(config: DataParallelConfig, seed: int, norm: Any = "bn") -> nn.Module:
-    model = mlp(64, config.hidden, activation=config.activation, norm=norm, seed=seed)
+def _model(config: DataParallelConfig, seed: int, n_features: int, norm: Any = "bn") -> nn.Module:
+    model = mlp(n_features, config.hidden, activation=config.activation, norm=norm, seed=seed)
     return model.to(getattr(torch, config.dtype))
 
 
@@ -539,7 +361,7 @@ def _data_parallel_worker(
     histories: dict[str, list[History]] = {"sync": [], "per_rank": []}
     for seed in config.seeds:
         for variant in histories:
-            model = _model(config, seed)
+            model = _model(config, seed, data.n_features)
             if variant == "sync":
                 model = convert_sync_batchnorm(model)
             histories[variant].append(train(SplitBatch(model), data, config.train_config(seed)))
@@ -561,8 +383,9 @@ def compare_data_parallel_bn(config: DataParallelConfig = DataParallelConfig()) 
     ghost = partial(GhostBatchNorm1d, virtual_batch_size=config.per_rank_batch)
     result = DataParallelResult(config, {"single": [], **distributed, "ghost": []})
     for seed in config.seeds:
-        result.histories["single"].append(train(_model(config, seed), data, config.train_config(seed)))
-        result.histories["ghost"].append(train(_model(config, seed, ghost), data, config.train_config(seed)))
+        for variant, norm in (("single", "bn"), ("ghost", ghost)):
+            model = _model(config, seed, data.n_features, norm)
+            result.histories[variant].append(train(model, data, config.train_config(seed)))
     return result
 
 
@@ -624,7 +447,7 @@ def ghost_batch_sweep(config: GhostConfig = GhostConfig(), device: torch.device 
     for i, virtual_batch_size in enumerate(config.virtual_batch_sizes):
         for j, seed in enumerate(config.seeds):
             ghost = partial(GhostBatchNorm1d, virtual_batch_size=virtual_batch_size)
-            model = mlp(64, config.hidden, activation=config.activation, norm=ghost, seed=seed)
+            model = mlp(data.n_features, config.hidden, activation=config.activation, norm=ghost, seed=seed)
             train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                                        eval_every=config.steps, seed=seed)
             history = train(model, data, train_config)
