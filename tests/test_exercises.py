@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnnotes import exercises, numpy_bn
+from bnnotes import exercises, numpy_bn, numpy_variants
 
 
 def fails_with(checker, fn, *hint_parts: str) -> str:
@@ -48,6 +48,14 @@ ALL_CHECKERS = [
     exercises.check_ghost_batch_norm,
     exercises.check_gradient_projection,
     exercises.check_layer_norm,
+    # New in issue 15 (their own tests: tests/test_exercises_derive.py and tests/test_exercises_implement.py).
+    exercises.check_conv_backward,
+    exercises.check_batch_of_two,
+    exercises.check_bessel_factor,
+    exercises.check_caffe_scale_factor,
+    exercises.check_renorm_correction,
+    exercises.check_merge_statistics,
+    exercises.check_scale_invariance,
 ]
 
 
@@ -283,6 +291,13 @@ def test_backward_names_each_mistake(wrong, hint):
     fails_with(exercises.check_backward, wrong, hint)
 
 
+def test_backward_cases_include_float32():
+    def upcast(dy, x, gamma, beta, eps):
+        return tuple(v.astype(np.float64) for v in right_backward(dy, x, gamma, beta, eps))
+
+    fails_with(exercises.check_backward, upcast, "case 5 of 5", "float32 too")
+
+
 def test_backward_rejects_wrong_tuples_and_garbage():
     fails_with(exercises.check_backward, lambda dy, x, g, b, eps: right_backward(dy, x, g, b, eps)[0], "tuple")
     fails_with(exercises.check_backward, lambda dy, x, g, b, eps: right_backward(dy, x, g, b, eps)[:2], "length 2")
@@ -401,6 +416,13 @@ def test_running_stats_names_each_mistake(wrong, hint):
     fails_with(exercises.check_running_stats, wrong, hint)
 
 
+def test_running_stats_cases_include_float32():
+    def upcast(*args):
+        return tuple(np.asarray(v, dtype=np.float64) for v in right_running(*args))
+
+    fails_with(exercises.check_running_stats, upcast, "case 4 of 4", "float32 too")
+
+
 def test_running_stats_rejects_garbage():
     fails_with(exercises.check_running_stats, lambda rm, rv, x, m: (garbage(rm), garbage(rv)))
 
@@ -466,6 +488,13 @@ def test_fold_accepts_right_answer(capsys):
 @pytest.mark.parametrize("wrong, hint", FOLD_MISTAKES)
 def test_fold_names_each_mistake(wrong, hint):
     fails_with(exercises.check_fold, wrong, hint)
+
+
+def test_fold_cases_include_float32():
+    def upcast(*args):
+        return tuple(v.astype(np.float64) for v in right_fold(*args))
+
+    fails_with(exercises.check_fold, upcast, "case 4 of 4", "float32 too")
 
 
 def test_fold_rejects_garbage():
@@ -537,12 +566,19 @@ RENORM_MISTAKES = [
 
 def test_renorm_accepts_right_answer(capsys):
     passes(exercises.check_renorm_forward, renorm_with(), capsys)
-    passes(exercises.check_renorm_forward, exercises.renorm_forward_reference, capsys)
+    passes(exercises.check_renorm_forward, numpy_variants.renorm_forward, capsys)
 
 
 @pytest.mark.parametrize("wrong, hint", RENORM_MISTAKES)
 def test_renorm_names_each_mistake(wrong, hint):
     fails_with(exercises.check_renorm_forward, wrong, hint)
+
+
+def test_renorm_cases_include_float32():
+    def upcast(*args):
+        return tuple(v.astype(np.float64) for v in renorm_with()(*args))
+
+    fails_with(exercises.check_renorm_forward, upcast, "case 4 of 4", "float32 too")
 
 
 def test_renorm_rejects_garbage():
@@ -556,12 +592,12 @@ def test_renorm_reference_reduces_to_batch_norm_and_clips():
     gamma, beta = rng.uniform(0.5, 2, 4), rng.uniform(-1, 1, 4)
     # r_max = 1 and d_max = 0 force r = 1 and d = 0: plain BN (Ioffe 2017, Section 3).
     running_mean, running_std = rng.normal(size=4), rng.uniform(1, 2, 4)
-    y, r, d = exercises.renorm_forward_reference(x, gamma, beta, running_mean, running_std, 1.0, 0.0, 1e-5)
+    y, r, d = numpy_variants.renorm_forward(x, gamma, beta, running_mean, running_std, 1.0, 0.0, 1e-5)
     np.testing.assert_allclose(y, numpy_bn.forward(x, gamma, beta, 1e-5)[0], rtol=1e-12, atol=1e-12)
     assert np.all(r == 1.0) and np.all(d == 0.0)
     # With the running statistics equal to the batch's, r = 1 and d = 0 without clipping.
     std = np.sqrt(x.var(0) + 1e-5)
-    y, r, d = exercises.renorm_forward_reference(x, gamma, beta, x.mean(0), std, 3.0, 5.0, 1e-5)
+    y, r, d = numpy_variants.renorm_forward(x, gamma, beta, x.mean(0), std, 3.0, 5.0, 1e-5)
     np.testing.assert_allclose(r, 1.0, rtol=1e-12)
     np.testing.assert_allclose(d, 0.0, atol=1e-12)
 
@@ -588,7 +624,7 @@ def test_renorm_reference_matches_bnnotes_batch_renorm(seed):
     running_mean, running_std = rng.normal(3.0, 2.0, size=5), rng.uniform(0.3, 6.0, size=5)
     r_max, d_max, eps = 2.0, 0.5, 1e-3
     args = (x, gamma, beta, running_mean, running_std, r_max, d_max, eps)
-    y_ref, r_ref, d_ref = exercises.renorm_forward_reference(*args)
+    y_ref, r_ref, d_ref = numpy_variants.renorm_forward(*args)
     assert np.any(np.abs(r_ref - 1.0) > 1e-3) and np.any(np.abs(d_ref) == d_max)  # the clips are active
     layer = renorm.BatchRenorm1d(5, eps=eps, r_max=r_max, d_max=d_max).double()
     with torch.no_grad():
@@ -654,13 +690,18 @@ def test_ghost_names_each_mistake(wrong, hint):
     fails_with(exercises.check_ghost_batch_norm, wrong, hint)
 
 
+def test_ghost_cases_include_float32():
+    fails_with(exercises.check_ghost_batch_norm, lambda *args: right_ghost(*args).astype(np.float64), "case 4 of 4",
+               "float32 too")
+
+
 def test_ghost_rejects_garbage():
     fails_with(exercises.check_ghost_batch_norm, lambda x, g, b, v, eps: garbage(x))
 
 
 def test_ghost_reference_refuses_a_ragged_batch():
     with pytest.raises(ValueError, match="not a multiple"):
-        exercises.ghost_batch_norm_reference(np.zeros((10, 2)), np.ones(2), np.zeros(2), 4, 1e-5)
+        numpy_variants.ghost_batch_norm(np.zeros((10, 2)), np.ones(2), np.zeros(2), 4, 1e-5)
 
 
 @pytest.mark.parametrize("shape, virtual_batch_size", [((24, 5), 4), ((12, 3), 3), ((20, 6), 10)])
@@ -677,7 +718,7 @@ def test_ghost_reference_matches_bnnotes_ghost_batch_norm(shape, virtual_batch_s
         layer.weight.copy_(torch.from_numpy(gamma))
         layer.bias.copy_(torch.from_numpy(beta))
         y = layer(torch.from_numpy(x)).numpy()
-    expected = exercises.ghost_batch_norm_reference(x, gamma, beta, virtual_batch_size, 1e-3)
+    expected = numpy_variants.ghost_batch_norm(x, gamma, beta, virtual_batch_size, 1e-3)
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -750,7 +791,7 @@ WHITENING_MISTAKES = [
 def test_whitening_accepts_right_answers(capsys):
     passes(exercises.check_whitening, right_zca, capsys)
     passes(exercises.check_whitening, zca_via_svd, capsys)
-    passes(exercises.check_whitening, exercises.zca_whitening_reference, capsys)
+    passes(exercises.check_whitening, numpy_variants.zca_whitening, capsys)
 
 
 @pytest.mark.parametrize("wrong, hint", WHITENING_MISTAKES)
@@ -765,7 +806,7 @@ def test_whitening_rejects_garbage():
 def test_whitening_reference_output_is_white():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(200, 4)) @ rng.normal(size=(4, 4)) + 5.0
-    white = exercises.zca_whitening_reference(x, eps=1e-12)
+    white = numpy_variants.zca_whitening(x, eps=1e-12)
     np.testing.assert_allclose(white.T @ white / len(x), np.eye(4), atol=1e-8)
     np.testing.assert_allclose(white.mean(0), 0.0, atol=1e-10)
 
@@ -983,6 +1024,25 @@ def test_prediction_names_a_wrong_prediction(predicted, measured, options, parts
         assert part in str(failure.value), str(failure.value)
 
 
+def test_prediction_abs_tol_grades_a_vanishing_measurement(capsys):
+    """A sum that theory says is 0 is measured as rounding noise: an absolute tolerance grades the prediction 0."""
+    exercises.check_prediction(0, 3e-16, name="sum(dx)", abs_tol=1e-9)
+    assert "check_prediction: right" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match=r"you predicted 1 for sum\(dx\); the run measured 3e-16 \(a prediction "
+                                             r"within 1e-09 counts as right\)"):
+        exercises.check_prediction(1, 3e-16, name="sum(dx)", abs_tol=1e-9)
+    with pytest.raises(ValueError, match="abs_tol must be"):
+        exercises.check_prediction(0, 0.0, name="q", abs_tol=-1)
+
+
+@pytest.mark.parametrize("predicted", [np.array([1, 2]), ["a"], {"a": 1}, 3 + 1j, object()])
+def test_prediction_refuses_odd_answers_with_an_assertion_only(predicted):
+    with pytest.raises(AssertionError, match="not an allowed answer"):
+        exercises.check_prediction(predicted, "a", name="q", choices=("a", "b"))
+    with pytest.raises(AssertionError, match="must be a finite number"):
+        exercises.check_prediction(predicted, 1.0, name="q", factor=2)
+
+
 def test_prediction_none_is_not_attempted(capsys):
     assert exercises.check_prediction(None, 0.5, name="the accuracy", rel_tol=0.1) is None
     assert exercises.check_prediction(None, "a", name="the winner", choices=("a", "b")) is None
@@ -1048,6 +1108,38 @@ def test_a_stub_is_not_attempted_yet_not_a_failure(checker, capsys):
 def test_none_is_not_attempted_yet(checker, capsys):
     assert checker(None) is None
     assert f"{checker.__name__}: not attempted yet (your answer is still None)" in capsys.readouterr().out
+
+
+# Answers no checker foresaw: each must end in an AssertionError that names the case, never in another exception.
+NONSENSE = [
+    lambda *args: "nonsense",
+    lambda *args: (1, 2, 3, 4, 5),
+    lambda *args: args[0],
+    lambda *args: [[1.0, 2.0]],
+    lambda *args: np.full(np.shape(args[0]), np.nan),
+    lambda *args: np.zeros(7, dtype=complex),
+    lambda *args: {"y": 1},
+    lambda *args: 1 / 0,
+    lambda: 0,  # the wrong number of parameters
+]
+
+
+@pytest.mark.parametrize("wrong", NONSENSE, ids=range(len(NONSENSE)))
+@pytest.mark.parametrize("checker", ALL_CHECKERS, ids=lambda checker: checker.__name__)
+def test_a_wrong_answer_only_ever_raises_an_assertion_error(checker, wrong):
+    with pytest.raises(AssertionError, match="failed on case"):
+        checker(wrong)
+
+
+@pytest.mark.parametrize("checker", ALL_CHECKERS, ids=lambda checker: checker.__name__)
+def test_a_function_returning_none_is_reported_never_crashes(checker, capsys):
+    """A body of `...` or `pass` returns None: "forget a `return`" (an AssertionError), or "not attempted yet"."""
+    try:
+        checker(lambda *args: None)
+    except AssertionError as failure:
+        assert "`return`" in str(failure), str(failure)
+    else:
+        assert "not attempted yet" in capsys.readouterr().out
 
 
 def test_a_stub_does_not_hide_a_wrong_answer():
