@@ -27,6 +27,7 @@ from torch import nn
 from bnnotes.experiments.data import Dataset
 from bnnotes.experiments.models import make_norm, mlp
 from bnnotes.experiments.training import History, TrainConfig, evaluate, train
+from bnnotes.torch_bn import BatchNorm1d
 
 __all__ = [
     "AblationResult",
@@ -243,8 +244,6 @@ def momentum_batch_size(config: MomentumBatchConfig, data: Dataset) -> MomentumR
     >>> MomentumBatchConfig().momenta
     (0.001, 0.01, 0.1, 0.9)
     """
-    from bnnotes.torch_bn import BatchNorm1d
-
     shape = (len(config.batch_sizes), len(config.momenta))
     eval_acc, batch_stats_acc = np.zeros(shape), np.zeros(shape)
     for i, batch_size in enumerate(config.batch_sizes):
