@@ -236,11 +236,26 @@ def check_input(input: Tensor, **vectors: Tensor | None) -> None:
             raise ValueError(f"{name} is on {v.device} but input is on {input.device}; expected the same device")
 
 
+def _torch_allows_zero_eps_with_fixed_statistics() -> bool:
+    """Whether the installed torch's ``F.batch_norm`` accepts eps = 0 with fixed (running) statistics: 2.13 does,
+    2.11 asks for eps > 0 in both modes. Asked once, at import, so that bnnotes raises where this torch raises."""
+    try:
+        F.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), training=False, eps=0.0)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+#: eps = 0 is allowed with fixed statistics when the installed torch allows it (see above).
+ZERO_EPS_WITH_FIXED_STATISTICS = _torch_allows_zero_eps_with_fixed_statistics()
+
+
 def check_eps(eps: Any, batch_statistics: bool) -> None:
     """torch's rule for eps: positive when normalizing with batch statistics (a batch may have zero variance),
-    non-negative with fixed ones. A TypeError for anything but a real number.
+    non-negative with fixed ones (positive there too where the installed torch says so: 2.11 does, 2.13 does not;
+    `ZERO_EPS_WITH_FIXED_STATISTICS`). A TypeError for anything but a real number.
 
-    >>> check_eps(0.0, batch_statistics=False)
+    >>> check_eps(1e-5, batch_statistics=False)
     >>> check_eps(0.0, batch_statistics=True)
     Traceback (most recent call last):
     ValueError: eps must be positive during training (with batch statistics), got eps=0.0
@@ -249,6 +264,9 @@ def check_eps(eps: Any, batch_statistics: bool) -> None:
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if batch_statistics and not eps > 0.0:
         raise ValueError(f"eps must be positive during training (with batch statistics), got eps={eps}")
+    if not ZERO_EPS_WITH_FIXED_STATISTICS and not eps > 0.0:
+        raise ValueError(f"eps must be positive (torch {torch.__version__} asks for eps > 0 with fixed statistics "
+                         f"too), got eps={eps}")
     if not eps >= 0.0:
         raise ValueError(f"eps must be non-negative, got {eps} (eps must be positive with batch statistics "
                          f"and non-negative with fixed ones; got eps={eps})")
