@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import importlib
 import json
 import os
 import re
@@ -41,22 +42,19 @@ BUILD_TIMEOUT_S = 2400  # a first build executes every chapter (about 10 minutes
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(BUILD_TIMEOUT_S + 600)]
 
 
+def _book_extension(name: str = "bnnotes_book"):
+    """A module of book/_ext (not a package): bnnotes_book (the Sphinx extension) or colab (the Colab generator)."""
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def toc_pages() -> list[str]:
-    """Every page of the table of contents, as docnames like ``book/motivation``, in reading order."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    pages = [toc["root"]]
-
-    def walk(entries: list[dict]) -> None:
-        for entry in entries:
-            if "file" in entry:
-                pages.append(entry["file"])
-            for key in ("chapters", "sections"):
-                walk(entry.get(key, []))
-
-    for part in toc.get("parts", []):
-        walk(part.get("chapters", []))
-    walk(toc.get("chapters", []))
-    return pages
+    """Every page of the table of contents, as docnames like ``book/motivation``, in reading order (the one walker
+    of ``_toc.yml``: ``book/_ext/colab.py``'s, which the Colab generator, the tests and .ci share)."""
+    return _book_extension("colab").Book(ROOT).docnames
 
 
 def chapter_pages() -> list[str]:
@@ -178,15 +176,6 @@ def test_ci_runs_the_readme_commands_verbatim() -> None:
     assert "jupyter-book build . -W -n --keep-going" in build and "_build/html/index.html" in readme
     ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert any(line == test or line.startswith(f"{test} ||") for line in ci_lines), f".ci/run does not run: {test}"
-
-
-def _book_extension():
-    sys.path.insert(0, str(ROOT / "book" / "_ext"))
-    try:
-        import bnnotes_book
-    finally:
-        sys.path.pop(0)
-    return bnnotes_book
 
 
 def test_api_reference_documents_every_public_name(built_book: Path) -> None:

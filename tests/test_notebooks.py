@@ -24,30 +24,11 @@ CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 REPOSITORY_URL = CONFIG["repository"]["url"]
 
 
-def toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
+sys.path.insert(0, str(ROOT / "book" / "_ext"))
+import colab  # noqa: E402  (book/_ext is not a package; its _toc.yml walker is the one the generator and .ci use)
 
-    def walk(entries: list[dict]) -> None:
-        for entry in entries:
-            if "file" in entry:
-                files.append(entry["file"])
-            for key in ("chapters", "sections"):
-                walk(entry.get(key, []))
-
-    for part in toc.get("parts", []):
-        walk(part.get("chapters", []))
-    walk(toc.get("chapters", []))
-    return files
-
-
-def chapters() -> list[Path]:
-    """The chapter sources: the Markdown notebooks of the table of contents (front matter with a kernelspec)."""
-    sources = [ROOT / f"{name}.md" for name in toc_files()]
-    return [path for path in sources if re.search(r"^kernelspec:", path.read_text(encoding="utf-8"), re.M)]
-
-
-CHAPTERS = chapters()
+#: The chapter sources: the Markdown notebooks (front matter with a kernelspec) of the table of contents.
+CHAPTERS = colab.Book(ROOT).chapters()
 IDS = [path.stem for path in CHAPTERS]
 
 
