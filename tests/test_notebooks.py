@@ -118,3 +118,12 @@ def test_exercise_titles_start_with_their_kind(source: Path) -> None:
     assert not unkinded, (
         f"{source.name}: exercise titles without their kind ({', '.join(k + ':' for k in EXERCISE_KINDS)}): {unkinded}"
     )
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=IDS)
+def test_each_chapter_has_three_exercises_and_one_that_predicts_derives_or_implements(source: Path) -> None:
+    """Issue 15: at least 3 exercises per chapter, at least one of them Predict, Derive or Implement."""
+    titles = re.findall(r"^```\{exercise-start\}\s*(.+)$", source.read_text(encoding="utf-8"), re.M)
+    kinds = [title.split(":", 1)[0] for title in titles]
+    assert len(titles) >= 3, f"{source.name}: {len(titles)} exercises ({titles}); expected at least 3"
+    assert {"Predict", "Derive", "Implement"} & set(kinds), f"{source.name}: only {kinds}"

@@ -9,6 +9,7 @@ Shared pieces, in the order a learner meets them:
   buffers (`frozen_buffers`), recompute Algorithm 2's population statistics (`population_statistics`), swap and
   compare them.
 - `launch`: the process launcher of the data-parallel experiments.
+- `ablations`: the open explorations of the exercises (mean-only BN, frozen gamma/beta, BN in some layers, ...).
 
 One module (or package) per chapter, named like the chapter, built on the shared ones: `motivation`, `derivation`,
 `inference`, `pitfalls`, `landscape`, `real_networks`, `data_parallel`. Each experiment takes one frozen Config
