@@ -38,3 +38,23 @@ def _single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Helpers of the exercise-checker tests (tests/test_exercises*.py).
+
+
+def fails_with(checker, fn, *hint_parts: str) -> str:
+    """Run `checker` on a wrong `fn`; it must raise AssertionError whose message contains every hint part."""
+    with pytest.raises(AssertionError) as failure:
+        checker(fn)
+    message = str(failure.value)
+    assert "failed on case" in message, message
+    for part in hint_parts:
+        assert part in message, f"expected {part!r} in the message:\n{message}"
+    return message
+
+
+def passes(checker, fn, capsys) -> None:
+    checker(fn)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and checker.__name__ in out[0] and "match the reference" in out[0], out

@@ -9,25 +9,9 @@ import numpy as np
 import pytest
 
 from bnnotes import exercises, numpy_bn, numpy_variants
+from conftest import fails_with, passes  # the checker-test helpers, shared
 
 AXES = (0, 2, 3)
-
-
-def fails_with(checker, fn, *hint_parts: str) -> str:
-    """Run `checker` on a wrong `fn`; it must raise AssertionError whose message contains every hint part."""
-    with pytest.raises(AssertionError) as failure:
-        checker(fn)
-    message = str(failure.value)
-    assert "failed on case" in message, message
-    for part in hint_parts:
-        assert part in message, f"expected {part!r} in the message:\n{message}"
-    return message
-
-
-def passes(checker, fn, capsys) -> None:
-    checker(fn)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and checker.__name__ in out[0] and "match the reference" in out[0], out
 
 
 def per_channel(v):
