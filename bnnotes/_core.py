@@ -137,12 +137,13 @@ def reduction_dims(ndim: int) -> list[int]:
 
 def per_channel(v: Any, ndim: int) -> Any:
     """View a per-channel vector (C,) as (1, C, 1, ...) so that it broadcasts against (N, C, *spatial) of `ndim` dims.
-    v: a torch tensor or a NumPy array (a view of it, not a copy).
+    v: a torch tensor or a NumPy array (a view of it, not a copy). Against (N, C) a (C,) vector broadcasts as it is,
+    so for ndim = 2 it is returned unchanged (no view op: the 2-D training path is dominated by small ops).
 
-    >>> per_channel(torch.zeros(3), 4).shape, per_channel(np.zeros(3), 3).shape
-    (torch.Size([1, 3, 1, 1]), (1, 3, 1))
+    >>> per_channel(torch.zeros(3), 4).shape, per_channel(np.zeros(3), 3).shape, per_channel(np.zeros(3), 2).shape
+    (torch.Size([1, 3, 1, 1]), (1, 3, 1), (3,))
     """
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
+    return v if ndim == 2 else v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -417,8 +418,7 @@ def batch_mean_var(x: Tensor, dims: list[int], compute: torch.dtype) -> tuple[Te
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if x.dtype == compute:
         batch_mean = _channel_mean(x, dims)
-        # (C,) broadcasts against (N, C) as it is; with spatial dims it is viewed as (1, C, 1, ...).
-        scratch = _squared_deviations(x, batch_mean if x.dim() == 2 else batch_mean.view(shape))
+        scratch = _squared_deviations(x, per_channel(batch_mean, x.dim()))
     else:  # half precision: the deviations are formed in float32
         batch_mean = torch.mean(x, dim=dims, dtype=compute)
         scratch = torch.sub(x, batch_mean.view(shape)).square_()
@@ -494,9 +494,7 @@ def normalize_backward(
 
     # One scratch tensor and no other large temporary: it holds (x - mean) * dy for the reduction, then becomes dx.
     sum_dy = channel_sum(dy, dims) if dy.dtype == compute else dy.sum(dim=dims, dtype=compute)
-    # (C,) vectors broadcast against (N, C) as they are: no views on the 2-D path, whose small ops dominate its cost.
-    per_channel_view = (lambda v: v) if ndim == 2 else (lambda v: v.view(shape))
-    scratch = torch.sub(x, per_channel_view(batch_mean))
+    scratch = torch.sub(x, per_channel(batch_mean, ndim))
     sum_dy_x_hat = channel_sum(scratch.mul_(dy), dims).mul_(inv_std)
     if not need_dx:
         return None, sum_dy, sum_dy_x_hat
@@ -508,7 +506,7 @@ def normalize_backward(
     b = torch.mul(a_over_m, inv_std).mul_(sum_dy_x_hat)
     c = torch.mul(a_over_m, sum_dy).addcmul_(b, batch_mean, value=-1)
     dx = per_channel_affine(x, b, c, out=scratch, plain=True)
-    return dx.addcmul_(dy, per_channel_view(a)), sum_dy, sum_dy_x_hat
+    return dx.addcmul_(dy, per_channel(a, ndim)), sum_dy, sum_dy_x_hat
 
 
 def affine_inference(
