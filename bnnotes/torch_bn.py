@@ -132,9 +132,14 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(batch_mean, batch_var)
+        # The statistics are non-differentiable: their gradients arrive as None instead of tensors of zeros that would
+        # be allocated and filled on every backward, and ignored.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
+    def backward(ctx: Any, dy: Tensor | None, _dmean: Tensor | None, _dvar: Tensor | None):
+        if dy is None:  # y did not reach the loss (only possible with materialize_grads off): no gradient at all
+            return None, None, None, None
         x, batch_mean, inv_std, weight = ctx.saved_tensors
         need_dx, need_dweight, need_dbias = ctx.needs_input_grad[:3]
         dx, sum_dy, sum_dy_x_hat = normalize_backward(dy, x, batch_mean, inv_std, weight, ctx.eps, need_dx)

@@ -241,6 +241,21 @@ def test_channel_sum_and_two_pass_statistics_are_torch_reductions(shape, contigu
     assert half_mean.dtype == half_var.dtype == torch.float32
 
 
+@pytest.mark.parametrize("rows", [256, 255])
+def test_channel_sum_of_a_large_batch_goes_by_one_slab_per_thread(rows):
+    """Large enough for torch's elementwise ops to use 2 threads: an even batch is summed in 2 slabs of rows (each
+    thread the rows it writes elsewhere), an odd one by a single BLAS column sum; both agree with torch's sum."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(rows, 256, dtype=F64, generator=torch.Generator().manual_seed(3)) * 3 + 1e4
+        assert core._slabs(rows, x.numel()) == (2 if rows % 2 == 0 else 1)
+        assert core._slabs(rows, 1000) == 1  # too small to split: one thread
+        torch.testing.assert_close(core.channel_sum(x, [0], 0.25), 0.25 * x.sum(dim=0), rtol=1e-13, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("shape", KERNEL_SHAPES)
 @pytest.mark.parametrize("recorded", [False, True])
 def test_per_channel_affine_in_both_paths(shape, recorded):
