@@ -417,11 +417,8 @@ def _squared_deviations(x: Tensor, mean: Tensor) -> Tensor:
 def _twice_centered_product(dy: Tensor, x: Tensor, mean: Tensor) -> Tensor:
     """2 (x - mean) dy elementwise in one pass, a fresh tensor laid out as x: the gradient of the squared error
     (x - mean)^2 for upstream dy. One pass instead of two (a subtraction, then a product), from one kernel call.
-    dy, x and mean (broadcast as (1, C, 1, ...)) share one dtype."""
-    try:
-        return torch.ops.aten.mse_loss_backward.grad_input(dy, x, mean, 0, grad_input=torch.empty_like(x))
-    except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - a torch without this overload
-        return torch.sub(x, mean).mul_(dy).mul_(2.0)
+    dy, x and mean (broadcast as (1, C, 1, ...)) share one dtype. (0: reduction="none".)"""
+    return torch.ops.aten.mse_loss_backward.grad_input(dy, x, mean, 0, grad_input=torch.empty_like(x))
 
 
 def batch_mean_var(x: Tensor, dims: list[int], compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -441,11 +438,10 @@ def batch_mean_var(x: Tensor, dims: list[int], compute: torch.dtype) -> tuple[Te
     if x.dtype == compute:
         batch_mean = channel_sum(x, dims, 1.0 / m)
         scratch = _squared_deviations(x, per_channel(batch_mean, x.dim()))
-        return batch_mean, channel_sum(scratch, dims, 1.0 / m), scratch
     else:  # half precision: the deviations are formed in float32
         batch_mean = torch.mean(x, dim=dims, dtype=compute)
         scratch = torch.sub(x, batch_mean.view(shape)).square_()
-        return batch_mean, channel_sum(scratch, dims, 1.0 / m), scratch
+    return batch_mean, channel_sum(scratch, dims, 1.0 / m), scratch
 
 
 def per_channel_affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor, plain: bool | None = None) -> Tensor:
